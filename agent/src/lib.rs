@@ -1,0 +1,1 @@
+//! `outpost-agent`: what runs on every device.

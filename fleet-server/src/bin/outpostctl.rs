@@ -1,0 +1,5 @@
+//! The `outpostctl` operator CLI.
+
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("outpostctl: no command yet")
+}

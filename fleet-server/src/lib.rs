@@ -1,0 +1,1 @@
+//! `outpost-server`: the fleet server and the operator tooling behind `outpostctl`.
