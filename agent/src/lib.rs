@@ -1,1 +1,3 @@
 //! `outpost-agent`: what runs on every device.
+mod db;
+pub mod store;
