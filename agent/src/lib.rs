@@ -1,3 +1,4 @@
 //! `outpost-agent`: what runs on every device.
 mod db;
 pub mod store;
+pub mod monitor;
