@@ -1,5 +1,7 @@
 //! `outpost-server`: the fleet server and the operator tooling behind `outpostctl`.
 //!
 //! - [`keys`]: operator key files (Ed25519, optionally sealed with a passphrase).
+//! - [`static_http`]: a loopback static-file server for TUF repositories (demo, tests).
 
 pub mod keys;
+pub mod static_http;

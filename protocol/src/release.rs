@@ -151,12 +151,12 @@ impl ModelRelease {
                 conf.validate()?;
             }
         }
-        if let Some(Calibrator::Isotonic { x, y }) = &self.calibrator {
-            if x.len() != y.len() || x.is_empty() || x.windows(2).any(|w| w[0] > w[1]) {
-                return Err(ReleaseError::Invalid(
-                    "isotonic calibrator needs equally long, non-empty, sorted x and y".into(),
-                ));
-            }
+        if let Some(Calibrator::Isotonic { x, y }) = &self.calibrator
+            && (x.len() != y.len() || x.is_empty() || x.windows(2).any(|w| w[0] > w[1]))
+        {
+            return Err(ReleaseError::Invalid(
+                "isotonic calibrator needs equally long, non-empty, sorted x and y".into(),
+            ));
         }
         if let Some(golden) = &self.golden {
             for (i, v) in golden.vectors.iter().enumerate() {
@@ -278,9 +278,7 @@ impl OutputSpec {
     /// Number of classes (last dimension) for classifier outputs.
     pub fn class_count(&self) -> Option<usize> {
         match self.kind {
-            OutputKind::ClassLogits | OutputKind::ClassProbabilities => {
-                self.shape.last().copied()
-            }
+            OutputKind::ClassLogits | OutputKind::ClassProbabilities => self.shape.last().copied(),
             _ => None,
         }
     }
@@ -347,7 +345,10 @@ impl Histogram {
     /// Checks edges and frequencies.
     pub fn validate(&self) -> Result<(), ReleaseError> {
         if self.edges.len() != self.frequencies.len() + 1
-            || self.edges.windows(2).any(|w| !(w[0] < w[1]))
+            || self
+                .edges
+                .windows(2)
+                .any(|w| w[0].partial_cmp(&w[1]) != Some(std::cmp::Ordering::Less))
         {
             return Err(ReleaseError::Invalid(format!(
                 "histogram needs strictly increasing edges, one more than {} frequencies",
@@ -496,17 +497,26 @@ mod tests {
     fn rejects_label_count_mismatch_and_bad_histogram() {
         let mut v = minimal();
         v["io"]["outputs"][0]["labels"] = serde_json::json!(["a"]);
-        assert!(matches!(ModelRelease::from_value(&v), Err(ReleaseError::Invalid(_))));
+        assert!(matches!(
+            ModelRelease::from_value(&v),
+            Err(ReleaseError::Invalid(_))
+        ));
 
         let mut v = minimal();
         v["reference"] = serde_json::json!({"sample_count": 10, "features": [
             {"input": "x", "index": 3, "histogram": {"edges": [0.0, 1.0, 0.5], "frequencies": [0.5, 0.5]}}
         ]});
-        assert!(matches!(ModelRelease::from_value(&v), Err(ReleaseError::Invalid(_))));
+        assert!(matches!(
+            ModelRelease::from_value(&v),
+            Err(ReleaseError::Invalid(_))
+        ));
         v["reference"]["features"][0]["histogram"]["edges"] = serde_json::json!([0.0, 0.5, 1.0]);
         ModelRelease::from_value(&v).unwrap();
         v["reference"]["features"][0]["index"] = 64.into();
-        assert!(matches!(ModelRelease::from_value(&v), Err(ReleaseError::Invalid(_))));
+        assert!(matches!(
+            ModelRelease::from_value(&v),
+            Err(ReleaseError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -529,6 +539,9 @@ mod tests {
         v["golden"] = serde_json::json!({"tolerance": {"abs": 1e-4}, "vectors": [
             {"inputs": {"x": {"dtype": "f32", "shape": [1, 2], "data": [1.0]}}, "outputs": {}}
         ]});
-        assert!(matches!(ModelRelease::from_value(&v), Err(ReleaseError::Invalid(_))));
+        assert!(matches!(
+            ModelRelease::from_value(&v),
+            Err(ReleaseError::Invalid(_))
+        ));
     }
 }
