@@ -6,4 +6,5 @@
 //! - [`release`]: model release metadata, the `custom` field of a model target.
 #![deny(missing_docs)]
 
+pub mod delta;
 pub mod release;

@@ -1,0 +1,540 @@
+//! The tensor-aware codec ([`super::Codec::Tensor`]).
+//!
+//! Payload: three sections, each `varint raw_len | varint frame_len | zstd frame`
+//! (`frame_len` is 0 when `raw_len` is 0):
+//!
+//! 1. ops (no prefix): `varint count`, then ops covering the target in order:
+//!    `0 len` literal bytes from section 2; `1 base_off len` a copy of a base range;
+//!    `2 base_off len transform width` the next `len` bytes of section 3, inverse
+//!    transformed against `base[base_off..][..len]`.
+//! 2. literals, compressed with the base as reference prefix.
+//! 3. transformed tensor differences.
+//!
+//! Transforms work on little-endian elements of `width` bytes (1, 2, 4 or 8): `1` XOR,
+//! `2` wrapping difference, zigzag-encoded. Both then split the elements into byte planes
+//! (byte 0 of every element, then byte 1, ...), which puts the mostly-zero high bytes
+//! of small differences next to each other.
+
+use super::onnx::{self, Tensor};
+use super::wire::{Reader, put_varint};
+use super::{DeltaError, Result, zref};
+use std::collections::HashMap;
+
+const OP_LITERAL: u8 = 0;
+const OP_COPY: u8 = 1;
+const OP_DELTA: u8 = 2;
+
+/// Hard cap on the decoded ops section.
+const MAX_OPS_BYTES: u64 = 64 << 20;
+/// zstd level for choosing a transform per tensor (cheap; only relative sizes matter).
+const PROBE_LEVEL: i32 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transform {
+    Xor,
+    Sub,
+}
+
+impl Transform {
+    fn id(self) -> u8 {
+        match self {
+            Transform::Xor => 1,
+            Transform::Sub => 2,
+        }
+    }
+
+    fn from_id(id: u8) -> Option<Self> {
+        match id {
+            1 => Some(Transform::Xor),
+            2 => Some(Transform::Sub),
+            _ => None,
+        }
+    }
+}
+
+enum Op {
+    Literal(usize),
+    Copy {
+        off: usize,
+        len: usize,
+    },
+    Delta {
+        off: usize,
+        len: usize,
+        transform: Transform,
+        width: usize,
+    },
+}
+
+/// Appends the tensor-codec payload for `base` -> `target` to `out`.
+pub(crate) fn encode(base: &[u8], target: &[u8], level: i32, out: &mut Vec<u8>) -> Result<()> {
+    let base_tensors = onnx::tensors(base);
+    let mut by_key: HashMap<(&[u8], usize), &Tensor<'_>> = HashMap::new();
+    let mut seen: HashMap<&[u8], usize> = HashMap::new();
+    for t in &base_tensors {
+        let n = seen.entry(t.name).or_default();
+        by_key.insert((t.name, *n), t);
+        *n += 1;
+    }
+    seen.clear();
+
+    let mut ops = Vec::new();
+    let mut literals = Vec::new();
+    let mut diffs = Vec::new();
+    let mut cursor = 0;
+    for t in onnx::tensors(target) {
+        let n = seen.entry(t.name).or_default();
+        let key = (t.name, *n);
+        *n += 1;
+        let Some(b) = by_key.get(&key) else { continue };
+        if t.data.start < cursor || b.width != t.width || b.data.len() != t.data.len() {
+            continue;
+        }
+        let (tb, bb) = (&target[t.data.clone()], &base[b.data.clone()]);
+        let op = if tb == bb {
+            Op::Copy {
+                off: b.data.start,
+                len: tb.len(),
+            }
+        } else {
+            match best_transform(&t, bb, tb)? {
+                Some((transform, bytes)) => {
+                    diffs.extend_from_slice(&bytes);
+                    Op::Delta {
+                        off: b.data.start,
+                        len: tb.len(),
+                        transform,
+                        width: t.width,
+                    }
+                }
+                None => continue,
+            }
+        };
+        if t.data.start > cursor {
+            ops.push(Op::Literal(t.data.start - cursor));
+            literals.extend_from_slice(&target[cursor..t.data.start]);
+        }
+        ops.push(op);
+        cursor = t.data.end;
+    }
+    if cursor < target.len() {
+        ops.push(Op::Literal(target.len() - cursor));
+        literals.extend_from_slice(&target[cursor..]);
+    }
+
+    let mut op_bytes = Vec::new();
+    put_varint(&mut op_bytes, ops.len() as u64);
+    for op in &ops {
+        match *op {
+            Op::Literal(len) => {
+                op_bytes.push(OP_LITERAL);
+                put_varint(&mut op_bytes, len as u64);
+            }
+            Op::Copy { off, len } => {
+                op_bytes.push(OP_COPY);
+                put_varint(&mut op_bytes, off as u64);
+                put_varint(&mut op_bytes, len as u64);
+            }
+            Op::Delta {
+                off,
+                len,
+                transform,
+                width,
+            } => {
+                op_bytes.push(OP_DELTA);
+                put_varint(&mut op_bytes, off as u64);
+                put_varint(&mut op_bytes, len as u64);
+                op_bytes.push(transform.id());
+                op_bytes.push(width as u8);
+            }
+        }
+    }
+    put_section(out, &[], &op_bytes, level)?;
+    put_section(out, base, &literals, level)?;
+    put_section(out, &[], &diffs, level)?;
+    Ok(())
+}
+
+/// The transform whose output compresses best, or `None` if storing the target bytes
+/// as literals is no worse.
+fn best_transform(
+    t: &Tensor<'_>,
+    base: &[u8],
+    target: &[u8],
+) -> Result<Option<(Transform, Vec<u8>)>> {
+    let order = if t.is_float() {
+        [Transform::Xor, Transform::Sub]
+    } else {
+        [Transform::Sub, Transform::Xor]
+    };
+    let mut best: Option<(usize, Transform, Vec<u8>)> = None;
+    for transform in order {
+        let bytes = forward(transform, t.width, base, target);
+        let size = zref::compress(&[], &bytes, PROBE_LEVEL)?.len();
+        if best.as_ref().is_none_or(|(s, _, _)| size < *s) {
+            best = Some((size, transform, bytes));
+        }
+    }
+    let literal = zref::compress(&[], target, PROBE_LEVEL)?.len();
+    Ok(best
+        .filter(|(size, _, _)| *size < literal)
+        .map(|(_, transform, bytes)| (transform, bytes)))
+}
+
+fn put_section(out: &mut Vec<u8>, prefix: &[u8], raw: &[u8], level: i32) -> Result<()> {
+    put_varint(out, raw.len() as u64);
+    if raw.is_empty() {
+        put_varint(out, 0);
+        return Ok(());
+    }
+    let frame = zref::compress(prefix, raw, level)?;
+    put_varint(out, frame.len() as u64);
+    out.extend_from_slice(&frame);
+    Ok(())
+}
+
+/// Reads one section header and frame; `raw_len` is checked against `max` before use.
+fn read_section<'a>(r: &mut Reader<'a>, what: &'static str, max: u64) -> Result<(usize, &'a [u8])> {
+    let raw_len = r.varint().ok_or(DeltaError::Truncated)?;
+    if raw_len > max {
+        return Err(DeltaError::TooLarge {
+            what,
+            len: raw_len,
+            max,
+        });
+    }
+    let frame_len = r.varint().ok_or(DeltaError::Truncated)?;
+    let frame = r.bytes(frame_len).ok_or(DeltaError::Truncated)?;
+    if raw_len == 0 && !frame.is_empty() {
+        return Err(DeltaError::Corrupt("frame for an empty section"));
+    }
+    // raw_len <= max <= MAX_TARGET_LEN, which fits in usize where a target can be held.
+    let raw_len = usize::try_from(raw_len).map_err(|_| DeltaError::TooLarge {
+        what,
+        len: raw_len,
+        max: usize::MAX as u64,
+    })?;
+    Ok((raw_len, frame))
+}
+
+fn inflate(prefix: &[u8], frame: &[u8], raw_len: usize) -> Result<Vec<u8>> {
+    if raw_len == 0 {
+        return Ok(Vec::new());
+    }
+    zref::decompress(prefix, frame, raw_len)
+}
+
+/// Decodes a tensor-codec payload into exactly `target_len` bytes.
+pub(crate) fn decode(base: &[u8], payload: &[u8], target_len: usize) -> Result<Vec<u8>> {
+    let t = target_len as u64;
+    let mut r = Reader::new(payload);
+    let ops_max = MAX_OPS_BYTES.min(t.saturating_mul(24).saturating_add(16));
+    let (ops_len, ops_frame) = read_section(&mut r, "ops section", ops_max)?;
+    let (lit_len, lit_frame) = read_section(&mut r, "literal section", t)?;
+    let (diff_len, diff_frame) = read_section(&mut r, "difference section", t)?;
+    if !r.is_empty() {
+        return Err(DeltaError::Corrupt("trailing bytes after the last section"));
+    }
+
+    let op_bytes = inflate(&[], ops_frame, ops_len)?;
+    let ops = parse_ops(&op_bytes, base.len(), target_len, lit_len, diff_len)?;
+    let literals = inflate(base, lit_frame, lit_len)?;
+    let diffs = inflate(&[], diff_frame, diff_len)?;
+
+    let mut out = Vec::new();
+    out.try_reserve_exact(target_len)
+        .map_err(|_| DeltaError::TooLarge {
+            what: "target allocation",
+            len: t,
+            max: t.saturating_sub(1),
+        })?;
+    let (mut lp, mut dp) = (0, 0);
+    // parse_ops proved every range below lies inside its buffer.
+    for op in ops {
+        match op {
+            Op::Literal(len) => {
+                out.extend_from_slice(&literals[lp..lp + len]);
+                lp += len;
+            }
+            Op::Copy { off, len } => out.extend_from_slice(&base[off..off + len]),
+            Op::Delta {
+                off,
+                len,
+                transform,
+                width,
+            } => {
+                inverse(
+                    transform,
+                    width,
+                    &base[off..off + len],
+                    &diffs[dp..dp + len],
+                    &mut out,
+                );
+                dp += len;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Parses and validates ops: every op covers at least one byte, base ranges lie in the
+/// base, and the ops use exactly `target_len`, `lit_len` and `diff_len` bytes.
+fn parse_ops(
+    bytes: &[u8],
+    base_len: usize,
+    target_len: usize,
+    lit_len: usize,
+    diff_len: usize,
+) -> Result<Vec<Op>> {
+    const BAD: DeltaError = DeltaError::Corrupt("malformed op");
+    let mut r = Reader::new(bytes);
+    let count = r.varint().ok_or(BAD)?;
+    if count > r.remaining() as u64 || count > target_len as u64 {
+        return Err(DeltaError::Corrupt("op count exceeds its bounds"));
+    }
+    let mut ops = Vec::with_capacity(count as usize);
+    let (mut tp, mut lp, mut dp) = (0usize, 0usize, 0usize);
+    let usize_of = |v: u64| usize::try_from(v).map_err(|_| BAD);
+    let base_range = |r: &mut Reader<'_>| -> Result<(usize, usize)> {
+        let off = usize_of(r.varint().ok_or(BAD)?)?;
+        let len = usize_of(r.varint().ok_or(BAD)?)?;
+        match off.checked_add(len) {
+            Some(end) if end <= base_len => Ok((off, len)),
+            _ => Err(DeltaError::Corrupt("op reads past the end of the base")),
+        }
+    };
+    for _ in 0..count {
+        let op =
+            match r.u8().ok_or(BAD)? {
+                OP_LITERAL => {
+                    let len = usize_of(r.varint().ok_or(BAD)?)?;
+                    lp = lp.checked_add(len).filter(|&n| n <= lit_len).ok_or(
+                        DeltaError::Corrupt("literal ops exceed the literal section"),
+                    )?;
+                    Op::Literal(len)
+                }
+                OP_COPY => {
+                    let (off, len) = base_range(&mut r)?;
+                    Op::Copy { off, len }
+                }
+                OP_DELTA => {
+                    let (off, len) = base_range(&mut r)?;
+                    let transform = Transform::from_id(r.u8().ok_or(BAD)?)
+                        .ok_or(DeltaError::Corrupt("unknown transform"))?;
+                    let width = usize::from(r.u8().ok_or(BAD)?);
+                    if !matches!(width, 1 | 2 | 4 | 8) || len % width != 0 {
+                        return Err(DeltaError::Corrupt("bad element width"));
+                    }
+                    dp = dp.checked_add(len).filter(|&n| n <= diff_len).ok_or(
+                        DeltaError::Corrupt("delta ops exceed the difference section"),
+                    )?;
+                    Op::Delta {
+                        off,
+                        len,
+                        transform,
+                        width,
+                    }
+                }
+                _ => return Err(DeltaError::Corrupt("unknown op")),
+            };
+        let len = match op {
+            Op::Literal(len) | Op::Copy { len, .. } | Op::Delta { len, .. } => len,
+        };
+        if len == 0 {
+            return Err(DeltaError::Corrupt("empty op"));
+        }
+        tp = tp
+            .checked_add(len)
+            .filter(|&n| n <= target_len)
+            .ok_or(DeltaError::Corrupt("ops exceed the target length"))?;
+        ops.push(op);
+    }
+    if !r.is_empty() {
+        return Err(DeltaError::Corrupt("trailing bytes after the last op"));
+    }
+    if tp != target_len || lp != lit_len || dp != diff_len {
+        return Err(DeltaError::Corrupt(
+            "ops do not cover the target and sections exactly",
+        ));
+    }
+    Ok(ops)
+}
+
+fn load(b: &[u8]) -> u64 {
+    b.iter().rev().fold(0, |v, &x| v << 8 | u64::from(x))
+}
+
+fn mask(width: usize) -> u64 {
+    u64::MAX >> (64 - 8 * width)
+}
+
+/// Transformed, byte-plane-shuffled bytes of `target` against `base` (same length,
+/// a multiple of `width`).
+fn forward(transform: Transform, width: usize, base: &[u8], target: &[u8]) -> Vec<u8> {
+    let n = target.len() / width;
+    let mut out = vec![0u8; target.len()];
+    let m = mask(width);
+    let top = 8 * width as u32 - 1;
+    for (i, (t, b)) in target
+        .chunks_exact(width)
+        .zip(base.chunks_exact(width))
+        .enumerate()
+    {
+        let e = match transform {
+            Transform::Xor => load(t) ^ load(b),
+            Transform::Sub => {
+                let d = load(t).wrapping_sub(load(b)) & m;
+                let neg = if d >> top == 1 { m } else { 0 };
+                ((d << 1) & m) ^ neg
+            }
+        };
+        for p in 0..width {
+            out[p * n + i] = (e >> (8 * p)) as u8;
+        }
+    }
+    out
+}
+
+/// Inverse of [`forward`]: appends the target bytes to `out`.
+fn inverse(transform: Transform, width: usize, base: &[u8], stored: &[u8], out: &mut Vec<u8>) {
+    let n = stored.len() / width;
+    let m = mask(width);
+    for (i, b) in base.chunks_exact(width).enumerate() {
+        let e = (0..width).fold(0u64, |v, p| v | u64::from(stored[p * n + i]) << (8 * p));
+        let t = match transform {
+            Transform::Xor => e ^ load(b),
+            Transform::Sub => {
+                let d = (e >> 1) ^ if e & 1 == 1 { m } else { 0 };
+                load(b).wrapping_add(d) & m
+            }
+        };
+        out.extend_from_slice(&t.to_le_bytes()[..width]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delta::onnx::tests::{field, tensor_proto, varint_field};
+    use crate::delta::{Codec, apply, encode};
+
+    fn model(tensors: &[(&str, Vec<f32>)]) -> Vec<u8> {
+        let mut g = Vec::new();
+        field(&mut g, 2, b"graph");
+        for (name, values) in tensors {
+            let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            field(
+                &mut g,
+                5,
+                &tensor_proto(name, &[values.len() as u64], 1, &raw),
+            );
+        }
+        let mut m = Vec::new();
+        varint_field(&mut m, 1, 8);
+        field(&mut m, 7, &g);
+        m
+    }
+
+    fn weights(seed: u32, n: usize) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2654435761) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x as f32 / u32::MAX as f32 - 0.5) * 0.2
+            })
+            .collect()
+    }
+
+    #[test]
+    fn transforms_invert_for_every_width() {
+        let base: Vec<u8> = (0..64u32).map(|i| (i * 37 + 11) as u8).collect();
+        let target: Vec<u8> = (0..64u32).map(|i| (i * 91 + 200) as u8).collect();
+        for transform in [Transform::Xor, Transform::Sub] {
+            for width in [1, 2, 4, 8] {
+                let stored = forward(transform, width, &base, &target);
+                let mut back = Vec::new();
+                inverse(transform, width, &base, &stored, &mut back);
+                assert_eq!(back, target, "{transform:?} width {width}");
+            }
+        }
+    }
+
+    #[test]
+    fn unchanged_tensors_cost_nothing() {
+        let big = weights(1, 50_000);
+        let base = model(&[("a", big.clone()), ("b", weights(2, 100))]);
+        let target = model(&[("a", big), ("b", weights(3, 100))]);
+        let d = encode(&base, &target, Codec::Tensor, 19).unwrap();
+        // 200 kB of unchanged weights: only the 400-byte head and a few ops are paid for.
+        assert!(d.len() < 92 + 600, "delta is {} bytes", d.len());
+        assert_eq!(apply(&base, &d, u64::MAX).unwrap(), target);
+    }
+
+    #[test]
+    fn fine_tuned_floats_beat_zstd_ref() {
+        let w = weights(7, 40_000);
+        let tuned: Vec<f32> = w
+            .iter()
+            .zip(weights(8, 40_000))
+            .map(|(a, e)| a + e * 1e-4)
+            .collect();
+        let base = model(&[("w", w)]);
+        let target = model(&[("w", tuned)]);
+        let tensor = encode(&base, &target, Codec::Tensor, 19).unwrap();
+        let zref = encode(&base, &target, Codec::ZstdRef, 19).unwrap();
+        assert!(
+            tensor.len() * 10 < zref.len() * 7,
+            "tensor {} vs zstd-ref {}",
+            tensor.len(),
+            zref.len()
+        );
+        assert_eq!(apply(&base, &tensor, u64::MAX).unwrap(), target);
+    }
+
+    #[test]
+    fn matches_renamed_and_reordered_tensors_by_name() {
+        let (a, b) = (weights(1, 5000), weights(2, 5000));
+        let base = model(&[("a", a.clone()), ("b", b.clone())]);
+        let target = model(&[("b", b), ("new", weights(9, 10)), ("a", a)]);
+        let d = encode(&base, &target, Codec::Tensor, 19).unwrap();
+        assert!(d.len() < 400, "delta is {} bytes", d.len());
+        assert_eq!(apply(&base, &d, u64::MAX).unwrap(), target);
+    }
+
+    fn tensor_delta() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let w = weights(7, 2000);
+        let tuned: Vec<f32> = w.iter().map(|a| a * 1.001).collect();
+        let base = model(&[("w", w), ("same", weights(3, 500))]);
+        let target = model(&[("w", tuned), ("same", weights(3, 500))]);
+        let d = encode(&base, &target, Codec::Tensor, 3).unwrap();
+        (base, target, d)
+    }
+
+    #[test]
+    fn rejects_copy_op_pointing_past_base() {
+        let (base, _, d) = tensor_delta();
+        let short = &base[..base.len() / 2];
+        let mut d2 = d.clone();
+        d2[12..20].copy_from_slice(&(short.len() as u64).to_le_bytes());
+        d2[20..52].copy_from_slice(&crate::delta::sha256(short));
+        assert!(matches!(
+            apply(short, &d2, u64::MAX),
+            Err(DeltaError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_flipped_payload_bytes() {
+        let (base, target, d) = tensor_delta();
+        for i in crate::delta::Header::LEN..d.len() {
+            let mut bad = d.clone();
+            bad[i] ^= 0x41;
+            // A flip may hit bytes zstd never reads; then the exact target is fine.
+            if let Ok(out) = apply(&base, &bad, u64::MAX) {
+                assert_eq!(out, target, "flip at {i} produced other bytes");
+            }
+        }
+    }
+}
