@@ -4,7 +4,9 @@
 //! decisions out.
 //!
 //! - [`release`]: model release metadata, the `custom` field of a model target.
+//! - [`tuf`]: TUF metadata, canonical JSON, keys, verification and the client workflow.
 #![deny(missing_docs)]
 
 pub mod delta;
 pub mod release;
+pub mod tuf;
