@@ -1,4 +1,5 @@
 //! `outpost-agent`: what runs on every device.
 mod db;
+pub mod outbox;
 pub mod store;
 pub mod monitor;
