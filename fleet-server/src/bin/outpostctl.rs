@@ -1,5 +1,269 @@
-//! The `outpostctl` operator CLI.
+//! `outpostctl`: the operator CLI.
+//!
+//! Exit codes: 0 success, 1 the operation failed (the message says why), 2 bad usage
+//! (clap's own exit code).
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("outpostctl: no command yet")
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use outpost_protocol::release::ModelRelease;
+use outpost_protocol::tuf::time::UtcTime;
+use outpost_server::keys::SealCost;
+use outpost_server::repo::{Expiries, InitOptions, Repo, RootRotation};
+
+#[derive(Parser)]
+#[command(
+    name = "outpostctl",
+    version,
+    about = "Operate an Outpost fleet: keys, releases, devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The image repository: keys and metadata.
+    #[command(subcommand)]
+    Repo(RepoCmd),
+    /// Model releases: sign, revoke, list.
+    #[command(subcommand)]
+    Release(ReleaseCmd),
+    /// Root metadata: rotate keys, change thresholds.
+    #[command(subcommand)]
+    Root(RootCmd),
+}
+
+#[derive(Subcommand)]
+enum RepoCmd {
+    /// Create a repository: N offline root keys (threshold K), a release key, and online
+    /// timestamp, snapshot and director keys for the server. Keys are written with mode
+    /// 0600 and never printed. With OUTPOST_KEY_PASSPHRASE set, offline keys are sealed.
+    Init {
+        /// Directory to create (must be empty or absent).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Number of offline root keys.
+        #[arg(long, default_value_t = 1)]
+        root_keys: usize,
+        /// Root signatures required.
+        #[arg(long, default_value_t = 1)]
+        root_threshold: u64,
+    },
+    /// Re-sign snapshot and timestamp with fresh expiries (needs the online keys).
+    Refresh {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+}
+
+#[derive(Args)]
+struct RepoArg {
+    /// Repository directory.
+    #[arg(long)]
+    repo: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum ReleaseCmd {
+    /// Add a model as a signed target with its release metadata.
+    Sign {
+        /// The model file (.onnx).
+        model_file: PathBuf,
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Model slot name (devices run one release per model).
+        #[arg(long)]
+        model: String,
+        /// Version string of this release.
+        #[arg(long)]
+        version: String,
+        /// Release-info JSON (io spec, reference statistics, calibrator, golden vectors,
+        /// budgets). Default: MODEL_FILE with `.onnx` replaced by `.release.json`.
+        #[arg(long)]
+        release_info: Option<PathBuf>,
+    },
+    /// Remove a release from targets; devices then refuse assignments to it.
+    Revoke {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: String,
+    },
+    /// List signed releases.
+    List {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum RootCmd {
+    /// Write the next root version: add, remove or replace keys, change the threshold.
+    /// Signed by a threshold of the current and of the new root keys.
+    Rotate {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Generate this many new root keys.
+        #[arg(long, default_value_t = 0)]
+        add_keys: usize,
+        /// Remove the root key with this id (or unique id prefix). Repeatable.
+        #[arg(long = "remove-key")]
+        remove_keys: Vec<String>,
+        /// New root threshold.
+        #[arg(long)]
+        threshold: Option<u64>,
+        /// Replace the key of a role (targets, snapshot, timestamp, director). Repeatable.
+        #[arg(long = "replace-role-key")]
+        replace_roles: Vec<String>,
+    },
+}
+
+fn passphrase() -> Option<String> {
+    std::env::var("OUTPOST_KEY_PASSPHRASE")
+        .ok()
+        .filter(|p| !p.is_empty())
+}
+
+fn now() -> UtcTime {
+    UtcTime::from_system_time(std::time::SystemTime::now())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Repo(RepoCmd::Init {
+            dir,
+            root_keys,
+            root_threshold,
+        }) => {
+            let opts = InitOptions {
+                root_keys,
+                root_threshold,
+                passphrase: passphrase(),
+                expiries: Expiries::default(),
+                seal_cost: SealCost::default(),
+            };
+            let repo = Repo::init(&dir, &opts, now())?;
+            let root = repo.root()?;
+            println!(
+                "created repository {} (root v{}: {} root keys, threshold {})",
+                dir.display(),
+                root.version,
+                root_keys,
+                root_threshold
+            );
+            println!("  offline: keys/root-*.json and keys/targets.json (the release key)");
+            println!(
+                "  online, for the server: keys/timestamp.json keys/snapshot.json keys/director.json"
+            );
+            println!(
+                "  devices trust: {}",
+                repo.metadata_dir().join("1.root.json").display()
+            );
+        }
+        Command::Repo(RepoCmd::Refresh { repo }) => {
+            Repo::open(&repo.repo, passphrase())?.refresh_online(now())?;
+            println!("re-signed snapshot and timestamp");
+        }
+        Command::Release(ReleaseCmd::Sign {
+            model_file,
+            repo,
+            model,
+            version,
+            release_info,
+        }) => {
+            let info_path =
+                release_info.unwrap_or_else(|| model_file.with_extension("release.json"));
+            let info = std::fs::read(&info_path).with_context(|| {
+                format!(
+                    "reading release info {} (io spec, golden vectors, budgets; pass --release-info)",
+                    info_path.display()
+                )
+            })?;
+            let mut value: serde_json::Value = serde_json::from_slice(&info)
+                .with_context(|| format!("{} is not JSON", info_path.display()))?;
+            let obj = value
+                .as_object_mut()
+                .with_context(|| format!("{} is not a JSON object", info_path.display()))?;
+            obj.insert("model".into(), model.into());
+            obj.insert("version".into(), version.into());
+            obj.entry("schema").or_insert(1.into());
+            obj.entry("sequence").or_insert(0.into());
+            let release = ModelRelease::from_value(&value)
+                .with_context(|| format!("release info {}", info_path.display()))?;
+            let bytes = std::fs::read(&model_file)
+                .with_context(|| format!("reading model {}", model_file.display()))?;
+            let name = model_file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .context("model file name is not UTF-8")?;
+            let entry =
+                Repo::open(&repo.repo, passphrase())?.sign_release(name, &bytes, release, now())?;
+            println!(
+                "signed {} ({} bytes, sha256 {}), release sequence {}",
+                entry.path,
+                entry.target.length,
+                entry.target.hashes["sha256"],
+                entry.release.sequence
+            );
+        }
+        Command::Release(ReleaseCmd::Revoke {
+            repo,
+            model,
+            version,
+        }) => {
+            let removed =
+                Repo::open(&repo.repo, passphrase())?.revoke_release(&model, &version, now())?;
+            for p in removed {
+                println!("revoked {p}");
+            }
+        }
+        Command::Release(ReleaseCmd::List { repo }) => {
+            for e in Repo::open(&repo.repo, passphrase())?.releases()? {
+                println!(
+                    "{}\t{}\tseq {}\t{} bytes\t{}",
+                    e.release.model, e.release.version, e.release.sequence, e.target.length, e.path
+                );
+            }
+        }
+        Command::Root(RootCmd::Rotate {
+            repo,
+            add_keys,
+            remove_keys,
+            threshold,
+            replace_roles,
+        }) => {
+            let change = RootRotation {
+                add_keys,
+                remove: remove_keys,
+                threshold,
+                replace_roles,
+            };
+            let root = Repo::open(&repo.repo, passphrase())?.rotate_root(&change, now())?;
+            let r = root.role("root").expect("root role");
+            println!(
+                "wrote root v{}: {} root keys, threshold {}",
+                root.version,
+                r.keyids.len(),
+                r.threshold
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outpostctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
