@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 /// Serves files under `root` over HTTP/1.1 (`Connection: close`), logging each
-/// request path. Percent-escapes in the path are decoded; `..` segments get 404.
+/// request path. Paths map to files verbatim (no decoding); `..` segments get 404.
 struct Server {
     addr: std::net::SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
@@ -117,33 +117,17 @@ fn serve_one(stream: TcpStream, root: &Path, log: &Mutex<Vec<String>>) {
     let _ = stream.flush();
 }
 
+/// Maps a request path to a file under `root` without decoding percent-escapes: the
+/// repository writes files under the encoded names the client must request.
 fn resolve(root: &Path, url_path: &str) -> Option<PathBuf> {
     let mut path = root.to_path_buf();
     for segment in url_path.trim_start_matches('/').split('/') {
-        let segment = percent_decode(segment)?;
-        if segment.is_empty() || segment == "." || segment == ".." || segment.contains('/') {
+        if segment.is_empty() || segment == "." || segment == ".." {
             return None;
         }
         path.push(segment);
     }
     Some(path)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// A client working dir: `metadata/` and `targets/`, like the suite's ClientRunner.
@@ -344,5 +328,712 @@ mod interop {
     #[test]
     fn python_tuf_ed25519_repository_refreshes_and_downloads() {
         init_refresh_download("ed25519");
+    }
+}
+
+mod scenarios {
+    //! Repositories built here with `outpost_protocol::tuf` and ed25519 keys.
+    use super::*;
+    use outpost_protocol::tuf::{
+        DelegatedRole, Delegations, Envelope, MetaFile, Root, SigningKey, Snapshot, TargetFile,
+        Targets, Timestamp, UtcTime,
+    };
+    use std::collections::BTreeMap;
+
+    const DAY: i64 = 86_400;
+
+    fn now() -> UtcTime {
+        UtcTime::from_system_time(std::time::SystemTime::now())
+    }
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_seed([seed; 32])
+    }
+
+    /// `urllib.parse.quote(s, safe=keep)`, as the client must encode names.
+    fn quote(s: &str, keep: &[u8]) -> String {
+        s.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || keep.contains(&b) {
+                    char::from(b).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
+    fn sign<T: serde::Serialize>(signed: &T, keys: &[&SigningKey]) -> Vec<u8> {
+        let mut env = Envelope::new(signed).unwrap();
+        for k in keys {
+            env.sign(k).unwrap();
+        }
+        env.to_bytes()
+    }
+
+    /// A repository on disk, served over HTTP, in the style of the suite's
+    /// RepositorySimulator: edit the metadata, then `publish_*` to make it visible.
+    struct Repo {
+        dir: tempfile::TempDir,
+        server: Server,
+        root: Root,
+        /// Keys that sign the next root version.
+        root_signers: Vec<SigningKey>,
+        timestamp: Timestamp,
+        snapshot: Snapshot,
+        /// Targets roles by name ("targets" and delegated roles).
+        targets: BTreeMap<String, Targets>,
+        /// Signer of each non-root role.
+        signers: BTreeMap<String, SigningKey>,
+    }
+
+    impl Repo {
+        fn new(consistent_snapshot: bool) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir(dir.path().join("metadata")).unwrap();
+            std::fs::create_dir(dir.path().join("targets")).unwrap();
+            let server = Server::start(dir.path());
+            let expires = now().plus_seconds(30 * DAY);
+            let mut root = Root::new(expires);
+            root.consistent_snapshot = consistent_snapshot;
+            let mut signers = BTreeMap::new();
+            for (seed, role) in [(2, "timestamp"), (3, "snapshot"), (4, "targets")] {
+                let k = key(seed);
+                root.add_key(role, k.public_key()).unwrap();
+                signers.insert(role.to_owned(), k);
+            }
+            root.add_key("root", key(1).public_key()).unwrap();
+            let mut repo = Repo {
+                dir,
+                server,
+                root,
+                root_signers: vec![key(1)],
+                timestamp: Timestamp::new(expires, MetaFile::new(1)),
+                snapshot: Snapshot::new(expires),
+                targets: BTreeMap::from([("targets".to_owned(), Targets::new(expires))]),
+                signers,
+            };
+            repo.publish_root();
+            repo.publish_targets("targets");
+            repo.publish_snapshot();
+            repo.publish_timestamp();
+            repo
+        }
+
+        fn metadata_url(&self) -> String {
+            self.server.url("metadata/")
+        }
+
+        fn targets_url(&self) -> String {
+            self.server.url("targets/")
+        }
+
+        fn write(&self, rel: &str, bytes: &[u8]) {
+            let path = self.dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, bytes).unwrap();
+        }
+
+        fn read(&self, rel: &str) -> Vec<u8> {
+            std::fs::read(self.dir.path().join(rel)).unwrap()
+        }
+
+        fn metadata_name(&self, role: &str, version: u64) -> String {
+            if self.root.consistent_snapshot {
+                format!("{version}.{}.json", quote(role, b""))
+            } else {
+                format!("{}.json", quote(role, b""))
+            }
+        }
+
+        fn publish_root(&mut self) {
+            let signers: Vec<&SigningKey> = self.root_signers.iter().collect();
+            let bytes = sign(&self.root, &signers);
+            self.write(&format!("metadata/{}.root.json", self.root.version), &bytes);
+        }
+
+        /// Bumps the root version and publishes it.
+        fn bump_root(&mut self) {
+            self.root.version += 1;
+            self.publish_root();
+        }
+
+        fn publish_targets(&mut self, role: &str) {
+            let md = &self.targets[role];
+            let bytes = sign(md, &[&self.signers[role]]);
+            self.write(
+                &format!("metadata/{}", self.metadata_name(role, md.version)),
+                &bytes,
+            );
+            self.snapshot
+                .meta
+                .insert(format!("{role}.json"), MetaFile::new(md.version));
+        }
+
+        fn publish_snapshot(&mut self) {
+            let bytes = sign(&self.snapshot, &[&self.signers["snapshot"]]);
+            self.write(
+                &format!(
+                    "metadata/{}",
+                    self.metadata_name("snapshot", self.snapshot.version)
+                ),
+                &bytes,
+            );
+            self.timestamp
+                .meta
+                .insert("snapshot.json".into(), MetaFile::new(self.snapshot.version));
+        }
+
+        fn publish_timestamp(&mut self) {
+            let bytes = sign(&self.timestamp, &[&self.signers["timestamp"]]);
+            self.write("metadata/timestamp.json", &bytes);
+        }
+
+        /// New snapshot and timestamp versions naming the current targets versions.
+        fn update_snapshot(&mut self) {
+            self.snapshot.version += 1;
+            self.publish_snapshot();
+            self.update_timestamp();
+        }
+
+        fn update_timestamp(&mut self) {
+            self.timestamp.version += 1;
+            self.publish_timestamp();
+        }
+
+        /// Lists `bytes` as target `path` in `role` and stores the file where the client
+        /// must fetch it (`dir/HASH.name` with consistent snapshots). Publish separately.
+        fn add_target(&mut self, role: &str, path: &str, bytes: &[u8]) {
+            let file = TargetFile::from_bytes(bytes, None);
+            let served = self.served_target_path(path, &file);
+            self.targets
+                .get_mut(role)
+                .unwrap()
+                .targets
+                .insert(path.to_owned(), file);
+            self.write(&served, bytes);
+        }
+
+        fn served_target_path(&self, path: &str, file: &TargetFile) -> String {
+            let path = quote(path, b"/");
+            if !self.root.consistent_snapshot {
+                return format!("targets/{path}");
+            }
+            let hash = &file.hashes["sha256"];
+            match path.rsplit_once('/') {
+                Some((dir, name)) => format!("targets/{dir}/{hash}.{name}"),
+                None => format!("targets/{hash}.{path}"),
+            }
+        }
+
+        /// Replaces the served bytes of `path` without touching any metadata.
+        fn tamper_target(&self, role: &str, path: &str, bytes: &[u8]) {
+            let served = self.served_target_path(path, &self.targets[role].targets[path]);
+            self.write(&served, bytes);
+        }
+
+        /// Delegates `paths` from `delegator` to a new role `name` with its own key.
+        fn delegate(&mut self, delegator: &str, name: &str, paths: &[&str], seed: u8) {
+            let k = key(seed);
+            let id = k.key_id().to_owned();
+            let d = self
+                .targets
+                .get_mut(delegator)
+                .unwrap()
+                .delegations
+                .get_or_insert_with(|| Delegations {
+                    keys: BTreeMap::new(),
+                    roles: Vec::new(),
+                    extra: BTreeMap::new(),
+                });
+            d.keys.insert(id.clone(), k.public_key().clone());
+            d.roles.push(DelegatedRole {
+                name: name.to_owned(),
+                keyids: vec![id],
+                threshold: 1,
+                terminating: false,
+                paths: Some(paths.iter().map(|p| (*p).to_owned()).collect()),
+                path_hash_prefixes: None,
+                extra: BTreeMap::new(),
+            });
+            self.signers.insert(name.to_owned(), k);
+            self.targets
+                .insert(name.to_owned(), Targets::new(self.root.expires));
+        }
+
+        fn root_bytes(&self, version: u64) -> Vec<u8> {
+            self.read(&format!("metadata/{version}.root.json"))
+        }
+
+        fn requests(&self) -> Vec<String> {
+            self.server.requests()
+        }
+
+        fn clear_requests(&self) {
+            self.server.clear();
+        }
+
+        fn refresh(&self, client: &Client) -> Run {
+            client.refresh(&self.metadata_url())
+        }
+
+        fn download(&self, client: &Client, names: &[&str]) -> Run {
+            client.download(&self.metadata_url(), &self.targets_url(), names)
+        }
+    }
+
+    /// A client initialized with the repository's root v1.
+    fn client_for(repo: &Repo) -> Client {
+        let client = Client::new();
+        let run = client.init(&repo.root_bytes(1));
+        assert_eq!(run.code, 0, "init: {}", run.stderr);
+        client
+    }
+
+    fn ok(run: &Run, what: &str) {
+        assert_eq!(run.code, 0, "{what} failed: {}", run.stderr);
+    }
+
+    fn fails(run: &Run, what: &str) {
+        assert_eq!(run.code, 1, "{what} should fail with exit 1");
+        assert!(
+            run.stderr.starts_with("outpost-tuf-client: error:") && run.stderr.lines().count() == 1,
+            "{what}: want one error line, got {:?}",
+            run.stderr
+        );
+    }
+
+    #[test]
+    fn init_and_refresh_store_top_level_metadata_under_plain_names() {
+        let repo = Repo::new(true);
+        let client = client_for(&repo);
+        assert!(
+            repo.requests().is_empty(),
+            "init must not touch the network"
+        );
+        assert_eq!(client.metadata_files(), ["root.json"]);
+
+        ok(&repo.refresh(&client), "refresh");
+        assert_eq!(
+            repo.requests(),
+            [
+                "/metadata/2.root.json",
+                "/metadata/timestamp.json",
+                "/metadata/1.snapshot.json",
+                "/metadata/1.targets.json",
+            ]
+        );
+        assert_eq!(
+            client.metadata_files(),
+            [
+                "root.json",
+                "snapshot.json",
+                "targets.json",
+                "timestamp.json"
+            ]
+        );
+        assert_eq!(
+            client.metadata("timestamp"),
+            repo.read("metadata/timestamp.json")
+        );
+        assert_eq!(
+            client.metadata("snapshot"),
+            repo.read("metadata/1.snapshot.json")
+        );
+    }
+
+    #[test]
+    fn second_refresh_fetches_only_root_probe_and_timestamp_when_nothing_changed() {
+        let repo = Repo::new(true);
+        let client = client_for(&repo);
+        ok(&repo.refresh(&client), "refresh");
+        repo.clear_requests();
+        ok(&repo.refresh(&client), "second refresh");
+        assert_eq!(
+            repo.requests(),
+            ["/metadata/2.root.json", "/metadata/timestamp.json"]
+        );
+    }
+
+    #[test]
+    fn root_rotation_1_to_2_to_3_is_followed_and_stored_byte_for_byte() {
+        let mut repo = Repo::new(true);
+        let client = client_for(&repo);
+        // v2: key 1 -> key 11, signed by both; v3: key 11 -> key 12, signed by both.
+        for (old, new) in [(1u8, 11u8), (11, 12)] {
+            repo.root.revoke_key("root", key(old).key_id());
+            repo.root.add_key("root", key(new).public_key()).unwrap();
+            repo.root_signers = vec![key(old), key(new)];
+            repo.bump_root();
+        }
+        ok(&repo.refresh(&client), "refresh");
+        assert_eq!(client.metadata("root"), repo.root_bytes(3));
+        assert_eq!(
+            repo.requests()[..3],
+            [
+                "/metadata/2.root.json",
+                "/metadata/3.root.json",
+                "/metadata/4.root.json"
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_root_rotation_not_signed_by_previous_root_keys() {
+        let mut repo = Repo::new(true);
+        let client = client_for(&repo);
+        repo.root.revoke_key("root", key(1).key_id());
+        repo.root.add_key("root", key(11).public_key()).unwrap();
+        repo.root_signers = vec![key(11)];
+        repo.bump_root();
+        fails(&repo.refresh(&client), "refresh with an unchained root");
+        assert_eq!(client.metadata("root"), repo.root_bytes(1));
+        assert_eq!(client.metadata_files(), ["root.json"]);
+        assert!(
+            !repo.requests().iter().any(|r| r.contains("timestamp")),
+            "no timestamp request after a rejected root: {:?}",
+            repo.requests()
+        );
+    }
+
+    #[test]
+    fn expired_final_root_is_stored_but_refresh_fails_before_timestamp() {
+        let mut repo = Repo::new(true);
+        let client = client_for(&repo);
+        repo.root.expires = now().plus_seconds(-DAY);
+        repo.bump_root();
+        fails(&repo.refresh(&client), "refresh with an expired root");
+        assert_eq!(client.metadata("root"), repo.root_bytes(2));
+        assert_eq!(
+            repo.requests(),
+            ["/metadata/2.root.json", "/metadata/3.root.json"]
+        );
+    }
+
+    #[test]
+    fn rejects_expired_timestamp_and_keeps_the_trusted_one() {
+        let mut repo = Repo::new(true);
+        let client = client_for(&repo);
+        ok(&repo.refresh(&client), "refresh");
+        repo.timestamp.expires = now().plus_seconds(-DAY);
+        repo.update_timestamp();
+        fails(&repo.refresh(&client), "refresh with an expired timestamp");
+        assert_eq!(client.version("timestamp"), 1);
+    }
+
+    #[test]
+    fn accepts_newer_unexpired_timestamp() {
+        let mut repo = Repo::new(true);
+        let client = client_for(&repo);
+        ok(&repo.refresh(&client), "refresh");
+        repo.update_timestamp();
+        ok(&repo.refresh(&client), "refresh with timestamp v2");
+        assert_eq!(client.version("timestamp"), 2);
+    }
+
+    #[test]
+    fn rejects_rollback_of_timestamp() {
+        let mut repo = Repo::new(true);
+        let client = client_for(&repo);
+        repo.update_timestamp();
+        ok(&repo.refresh(&client), "refresh");
+        assert_eq!(client.version("timestamp"), 2);
+        repo.timestamp.version = 1;
+        repo.publish_timestamp();
+        fails(&repo.refresh(&client), "refresh with timestamp rolled back");
+        assert_eq!(client.version("timestamp"), 2);
+        assert_eq!(
+            repo.requests().last().map(String::as_str),
+            Some("/metadata/timestamp.json")
+        );
+    }
+
+    #[test]
+    fn rejects_oversized_timestamp() {
+        let repo = Repo::new(true);
+        let client = client_for(&repo);
+        let mut big = repo.read("metadata/timestamp.json");
+        big.extend(std::iter::repeat_n(b' ', 20_000));
+        repo.write("metadata/timestamp.json", &big);
+        fails(&repo.refresh(&client), "refresh with a 20 kB timestamp");
+        assert_eq!(client.metadata_files(), ["root.json"]);
+    }
+
+    #[test]
+    fn downloads_target_via_consistent_snapshot_path() {
+        let mut repo = Repo::new(true);
+        repo.add_target("targets", "dir/model.bin", b"model bytes");
+        repo.targets.get_mut("targets").unwrap().version += 1;
+        repo.publish_targets("targets");
+        repo.update_snapshot();
+        let client = client_for(&repo);
+
+        ok(&repo.download(&client, &["dir/model.bin"]), "download");
+        let hash = &repo.targets["targets"].targets["dir/model.bin"].hashes["sha256"];
+        assert_eq!(
+            repo.requests(),
+            [
+                "/metadata/2.root.json".to_owned(),
+                "/metadata/timestamp.json".to_owned(),
+                "/metadata/2.snapshot.json".to_owned(),
+                "/metadata/2.targets.json".to_owned(),
+                format!("/targets/dir/{hash}.model.bin"),
+            ]
+        );
+        assert_eq!(client.target_files(), ["dir%2Fmodel.bin"]);
+        assert_eq!(
+            std::fs::read(client.target_dir.join("dir%2Fmodel.bin")).unwrap(),
+            b"model bytes"
+        );
+    }
+
+    #[test]
+    fn without_consistent_snapshot_fetches_unversioned_metadata_and_plain_target_paths() {
+        let mut repo = Repo::new(false);
+        repo.add_target("targets", "a b.txt", b"spaced");
+        repo.targets.get_mut("targets").unwrap().version += 1;
+        repo.publish_targets("targets");
+        repo.update_snapshot();
+        let client = client_for(&repo);
+        ok(&repo.download(&client, &["a b.txt"]), "download");
+        assert_eq!(
+            repo.requests(),
+            [
+                "/metadata/2.root.json",
+                "/metadata/timestamp.json",
+                "/metadata/snapshot.json",
+                "/metadata/targets.json",
+                "/targets/a%20b.txt",
+            ]
+        );
+        assert_eq!(client.target_files(), ["a%20b.txt"]);
+    }
+
+    #[test]
+    fn cached_target_is_not_downloaded_again() {
+        let mut repo = Repo::new(true);
+        repo.add_target("targets", "m.bin", b"v1 bytes");
+        repo.publish_targets("targets");
+        repo.update_snapshot();
+        let client = client_for(&repo);
+        ok(&repo.download(&client, &["m.bin"]), "first download");
+        repo.clear_requests();
+        ok(&repo.download(&client, &["m.bin"]), "second download");
+        assert!(
+            !repo.requests().iter().any(|r| r.starts_with("/targets/")),
+            "cached target fetched again: {:?}",
+            repo.requests()
+        );
+    }
+
+    #[test]
+    fn changed_target_replaces_the_cached_file_under_the_same_name() {
+        let mut repo = Repo::new(true);
+        repo.add_target("targets", "m.bin", b"v1 bytes");
+        repo.publish_targets("targets");
+        repo.update_snapshot();
+        let client = client_for(&repo);
+        ok(&repo.download(&client, &["m.bin"]), "first download");
+
+        repo.add_target("targets", "m.bin", b"version 2 bytes");
+        repo.targets.get_mut("targets").unwrap().version += 1;
+        repo.publish_targets("targets");
+        repo.update_snapshot();
+        ok(&repo.download(&client, &["m.bin"]), "second download");
+        assert_eq!(client.target_files(), ["m.bin"]);
+        assert_eq!(
+            std::fs::read(client.target_dir.join("m.bin")).unwrap(),
+            b"version 2 bytes"
+        );
+    }
+
+    #[test]
+    fn rejects_tampered_target_and_stores_nothing() {
+        let mut repo = Repo::new(true);
+        repo.add_target("targets", "m.bin", b"good bytes");
+        repo.publish_targets("targets");
+        repo.update_snapshot();
+        repo.tamper_target("targets", "m.bin", b"evil bytes");
+        let client = client_for(&repo);
+        fails(
+            &repo.download(&client, &["m.bin"]),
+            "download of tampered target",
+        );
+        assert!(
+            client.target_files().is_empty(),
+            "{:?}",
+            client.target_files()
+        );
+    }
+
+    #[test]
+    fn rejects_target_longer_than_signed_length_and_stores_nothing() {
+        let mut repo = Repo::new(true);
+        repo.add_target("targets", "m.bin", b"good bytes");
+        repo.publish_targets("targets");
+        repo.update_snapshot();
+        repo.tamper_target("targets", "m.bin", b"good bytes and then some more");
+        let client = client_for(&repo);
+        fails(
+            &repo.download(&client, &["m.bin"]),
+            "download of endless target",
+        );
+        assert!(client.target_files().is_empty());
+    }
+
+    #[test]
+    fn substituted_cached_target_is_neither_refetched_nor_replaced() {
+        let mut repo = Repo::new(true);
+        repo.add_target("targets", "m.bin", b"good bytes");
+        repo.publish_targets("targets");
+        repo.update_snapshot();
+        let client = client_for(&repo);
+        ok(&repo.download(&client, &["m.bin"]), "download");
+        repo.tamper_target("targets", "m.bin", b"evil bytes");
+        ok(&repo.download(&client, &["m.bin"]), "cached download");
+        assert_eq!(
+            std::fs::read(client.target_dir.join("m.bin")).unwrap(),
+            b"good bytes"
+        );
+    }
+
+    #[test]
+    fn delegated_target_is_found_via_delegation() {
+        let mut repo = Repo::new(true);
+        repo.delegate("targets", "models", &["models/*"], 20);
+        repo.add_target("models", "models/a.onnx", b"delegated model");
+        repo.publish_targets("models");
+        repo.targets.get_mut("targets").unwrap().version += 1;
+        repo.publish_targets("targets");
+        repo.update_snapshot();
+        let client = client_for(&repo);
+        ok(&repo.download(&client, &["models/a.onnx"]), "download");
+        assert_eq!(
+            repo.requests()[4..5],
+            ["/metadata/1.models.json".to_owned()]
+        );
+        assert!(client.metadata_files().contains(&"models.json".to_owned()));
+        assert_eq!(
+            std::fs::read(client.target_dir.join("models%2Fa.onnx")).unwrap(),
+            b"delegated model"
+        );
+    }
+
+    #[test]
+    fn unusual_delegated_role_name_is_quoted_in_url_and_file_name() {
+        let mut repo = Repo::new(true);
+        repo.delegate("targets", "../delegatedrole", &["*"], 21);
+        repo.publish_targets("../delegatedrole");
+        repo.targets.get_mut("targets").unwrap().version += 1;
+        repo.publish_targets("targets");
+        repo.update_snapshot();
+        let client = client_for(&repo);
+        fails(&repo.download(&client, &["nonexistent"]), "download");
+        assert!(
+            repo.requests()
+                .contains(&"/metadata/1...%2Fdelegatedrole.json".to_owned()),
+            "{:?}",
+            repo.requests()
+        );
+        assert_eq!(client.metadata_files().len(), 5);
+        assert!(
+            client
+                .metadata_files()
+                .contains(&"..%2Fdelegatedrole.json".to_owned())
+        );
+    }
+
+    #[test]
+    fn missing_target_fails_after_implicit_refresh() {
+        let repo = Repo::new(true);
+        let client = client_for(&repo);
+        fails(
+            &repo.download(&client, &["nonexistent artifact"]),
+            "download of a missing target",
+        );
+        assert_eq!(
+            repo.requests(),
+            [
+                "/metadata/2.root.json",
+                "/metadata/timestamp.json",
+                "/metadata/1.snapshot.json",
+                "/metadata/1.targets.json",
+            ]
+        );
+        assert_eq!(client.version("targets"), 1);
+        assert!(client.target_files().is_empty());
+    }
+
+    #[test]
+    fn targets_are_processed_in_order_and_stop_at_first_failure() {
+        let mut repo = Repo::new(true);
+        repo.add_target("targets", "a", b"first");
+        repo.add_target("targets", "c", b"third");
+        repo.publish_targets("targets");
+        repo.update_snapshot();
+        let client = client_for(&repo);
+        fails(
+            &repo.download(&client, &["a", "b", "c"]),
+            "download a, b, c",
+        );
+        assert_eq!(client.target_files(), ["a"]);
+        assert!(
+            !repo.requests().iter().any(|r| r.ends_with(".c")),
+            "target after the failure was fetched: {:?}",
+            repo.requests()
+        );
+    }
+
+    #[test]
+    fn rejects_invalid_trusted_root_at_init_and_refresh_makes_no_request() {
+        let repo = Repo::new(true);
+        let mut root: serde_json::Value = serde_json::from_slice(&repo.root_bytes(1)).unwrap();
+        root["signed"].as_object_mut().unwrap().remove("version");
+        let client = Client::new();
+        fails(
+            &client.init(&serde_json::to_vec(&root).unwrap()),
+            "init with a root without version",
+        );
+        assert!(client.metadata_files().is_empty());
+        fails(&repo.refresh(&client), "refresh without a trusted root");
+        assert!(repo.requests().is_empty(), "{:?}", repo.requests());
+    }
+
+    #[test]
+    fn rejects_unsigned_trusted_root_at_init() {
+        let repo = Repo::new(true);
+        let mut root: serde_json::Value = serde_json::from_slice(&repo.root_bytes(1)).unwrap();
+        root["signed"]["expires"] = "2099-01-01T00:00:00Z".into();
+        let client = Client::new();
+        fails(
+            &client.init(&serde_json::to_vec(&root).unwrap()),
+            "init with a root whose signature does not cover it",
+        );
+        assert!(client.metadata_files().is_empty());
+        fails(&repo.refresh(&client), "refresh without a trusted root");
+        assert!(repo.requests().is_empty(), "{:?}", repo.requests());
+    }
+
+    #[test]
+    fn fast_forward_recovery_after_timestamp_key_rotation() {
+        let mut repo = Repo::new(true);
+        let client = client_for(&repo);
+        repo.timestamp.version = 100;
+        repo.publish_timestamp();
+        ok(&repo.refresh(&client), "refresh");
+        assert_eq!(client.version("timestamp"), 100);
+        let new = key(30);
+        repo.root
+            .revoke_key("timestamp", repo.signers["timestamp"].key_id());
+        repo.root.add_key("timestamp", new.public_key()).unwrap();
+        repo.signers.insert("timestamp".into(), new);
+        repo.bump_root();
+        repo.timestamp.version = 1;
+        repo.publish_timestamp();
+        ok(
+            &repo.refresh(&client),
+            "refresh after timestamp key rotation",
+        );
+        assert_eq!(client.version("timestamp"), 1);
     }
 }
