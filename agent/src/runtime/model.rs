@@ -200,14 +200,19 @@ fn compile(
             }
         }
     })?;
-    let weight_bytes = typed
-        .nodes()
-        .iter()
-        .filter(|n| n.op_is::<tract_onnx::tract_core::ops::konst::Const>())
-        .flat_map(|n| n.outputs.iter())
-        .filter_map(|o| o.fact.mem_size().as_i64())
-        .sum::<i64>()
-        .max(0) as u64;
+    let (mut weight_bytes, mut scratch_bytes) = (0u64, 0u64);
+    for node in typed.nodes() {
+        let bytes: i64 = node
+            .outputs
+            .iter()
+            .filter_map(|o| o.fact.mem_size().as_i64())
+            .sum();
+        if node.op_is::<tract_onnx::tract_core::ops::konst::Const>() {
+            weight_bytes += bytes.max(0) as u64;
+        } else {
+            scratch_bytes += bytes.max(0) as u64;
+        }
+    }
     let plan = typed.into_runnable().map_err(compile_err)?;
     Ok(Model {
         name: name.to_string(),
@@ -217,6 +222,7 @@ fn compile(
         path,
         dequant,
         weight_bytes,
+        scratch_bytes,
         reason: String::new(),
         release: None,
     })
@@ -239,6 +245,7 @@ pub struct Model {
     path: ExecPath,
     dequant: Option<DequantStats>,
     weight_bytes: u64,
+    scratch_bytes: u64,
     reason: String,
     release: Option<Arc<ModelRelease>>,
 }
@@ -271,6 +278,11 @@ impl Model {
     /// Bytes of constants (weights, packed or not) held by the optimized plan.
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
+    }
+    /// Upper bound of the plan's scratch memory: every intermediate tensor, as if none
+    /// were freed (tract frees each once its last reader ran).
+    pub fn scratch_bytes(&self) -> u64 {
+        self.scratch_bytes
     }
     /// The release this model was validated against, if any.
     pub fn release(&self) -> Option<&ModelRelease> {
