@@ -4,9 +4,12 @@
 //! decisions out.
 //!
 //! - [`release`]: model release metadata, the `custom` field of a model target.
+//! - [`director`]: director assignments (which target each model slot runs), checked
+//!   against the verified image repository.
 //! - [`tuf`]: TUF metadata, canonical JSON, keys, verification and the client workflow.
 #![deny(missing_docs)]
 
 pub mod delta;
+pub mod director;
 pub mod release;
 pub mod tuf;

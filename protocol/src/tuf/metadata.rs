@@ -79,6 +79,17 @@ impl Envelope {
         })
     }
 
+    /// Serializes `signed`, signs it with every key in `keys` and returns the document
+    /// bytes: the one-step form of [`Envelope::new`] + [`Envelope::sign`] +
+    /// [`Envelope::to_bytes`].
+    pub fn sign_document<T: Serialize>(signed: &T, keys: &[&SigningKey]) -> Result<Vec<u8>> {
+        let mut env = Envelope::new(signed)?;
+        for key in keys {
+            env.sign(key)?;
+        }
+        Ok(env.to_bytes())
+    }
+
     /// The bytes signatures cover.
     pub fn canonical_signed(&self) -> Result<Vec<u8>> {
         Ok(to_canonical_json(&self.signed)?)

@@ -382,3 +382,34 @@ fn role_keys_changed(old: &Root, new: &Root, role: &str) -> bool {
     };
     ids(old) != ids(new)
 }
+
+impl<T: Remote + ?Sized> Remote for &mut T {
+    fn fetch_metadata(
+        &mut self,
+        role: &str,
+        version: Option<u64>,
+        max_len: u64,
+    ) -> std::result::Result<Vec<u8>, FetchError> {
+        (**self).fetch_metadata(role, version, max_len)
+    }
+
+    fn fetch_target(
+        &mut self,
+        remote_path: &str,
+        max_len: u64,
+    ) -> std::result::Result<Vec<u8>, FetchError> {
+        (**self).fetch_target(remote_path, max_len)
+    }
+}
+
+impl<T: MetadataStore + ?Sized> MetadataStore for &mut T {
+    fn load(&mut self, role: &str) -> Option<Vec<u8>> {
+        (**self).load(role)
+    }
+    fn save(&mut self, role: &str, bytes: &[u8]) -> std::result::Result<(), StoreError> {
+        (**self).save(role, bytes)
+    }
+    fn delete(&mut self, role: &str) -> std::result::Result<(), StoreError> {
+        (**self).delete(role)
+    }
+}
