@@ -159,6 +159,9 @@ fn input_specs(l: &Loaded) -> Vec<TensorSpec> {
     }
 }
 
+const NO_RELEASE: &str =
+    "as-shipped: no release file, so no golden vectors to validate a dequantized variant";
+
 /// The model the agent would run: through the gate when there is a release, as shipped
 /// otherwise.
 fn prepare(l: &Loaded) -> anyhow::Result<Model> {
@@ -172,9 +175,16 @@ fn prepare(l: &Loaded) -> anyhow::Result<Model> {
                 .context("validation gate refused the model")?;
             Ok(validated.model)
         }
-        None => Ok(l
-            .source
-            .compile(&l.name, &input_specs(l), ExecPath::AsShipped)?),
+        None => {
+            let mut model = l
+                .source
+                .compile(&l.name, &input_specs(l), ExecPath::AsShipped)?;
+            model.set_reason(match l.source.quantization() {
+                Quantization::Float => "as-shipped: float model, no release file".into(),
+                _ => NO_RELEASE.into(),
+            });
+            Ok(model)
+        }
     }
 }
 
@@ -290,11 +300,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<String> {
             let model = prepare(&l)?;
             (model.exec_path(), model.path_reason().to_string())
         }
-        None => (
-            ExecPath::AsShipped,
-            "as-shipped: no release file, so no golden vectors to validate a dequantized variant"
-                .to_string(),
-        ),
+        None => (ExecPath::AsShipped, NO_RELEASE.to_string()),
     };
     let (cold, stats) = measured
         .get(&path)

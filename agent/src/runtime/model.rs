@@ -289,7 +289,8 @@ impl Model {
         self.release.as_deref()
     }
 
-    pub(crate) fn set_reason(&mut self, reason: String) {
+    /// Records why this path runs (the gate does; so should anything that bypasses it).
+    pub fn set_reason(&mut self, reason: String) {
         self.reason = reason;
     }
 
