@@ -1036,4 +1036,78 @@ mod scenarios {
         );
         assert_eq!(client.version("timestamp"), 1);
     }
+
+    #[test]
+    fn timestamp_with_same_version_but_new_content_is_not_stored() {
+        let mut repo = Repo::new(true);
+        let client = client_for(&repo);
+        ok(&repo.refresh(&client), "refresh");
+        let trusted = client.metadata("timestamp");
+        repo.timestamp.expires = repo.timestamp.expires.plus_seconds(DAY);
+        repo.publish_timestamp();
+        assert_ne!(repo.read("metadata/timestamp.json"), trusted);
+        ok(
+            &repo.refresh(&client),
+            "refresh with an equal-version timestamp",
+        );
+        assert_eq!(client.metadata("timestamp"), trusted);
+    }
+
+    #[test]
+    fn rejects_snapshot_whose_version_differs_from_timestamp_meta() {
+        let mut repo = Repo::new(true);
+        repo.snapshot.version = 2;
+        let bytes = sign(&repo.snapshot, &[&repo.signers["snapshot"]]);
+        repo.write("metadata/1.snapshot.json", &bytes);
+        let client = client_for(&repo);
+        fails(
+            &repo.refresh(&client),
+            "refresh with mix-and-match snapshot",
+        );
+        assert_eq!(client.metadata_files(), ["root.json", "timestamp.json"]);
+        assert_eq!(
+            repo.requests().last().map(String::as_str),
+            Some("/metadata/1.snapshot.json")
+        );
+    }
+
+    #[test]
+    fn rejects_expired_snapshot_and_keeps_the_trusted_one() {
+        let mut repo = Repo::new(true);
+        let client = client_for(&repo);
+        ok(&repo.refresh(&client), "refresh");
+        repo.snapshot.expires = now().plus_seconds(-DAY);
+        repo.update_snapshot();
+        fails(&repo.refresh(&client), "refresh with an expired snapshot");
+        assert_eq!(client.version("snapshot"), 1);
+    }
+
+    #[test]
+    fn delegation_search_is_preorder_dfs_and_stops_at_terminating_role() {
+        let mut repo = Repo::new(true);
+        repo.delegate("targets", "A", &["*"], 40);
+        repo.delegate("targets", "B", &["*"], 41);
+        repo.delegate("A", "C", &["*"], 42);
+        repo.delegate("A", "D", &["*"], 43);
+        repo.targets
+            .get_mut("A")
+            .unwrap()
+            .delegations
+            .as_mut()
+            .unwrap()
+            .roles[0]
+            .terminating = true;
+        for role in ["A", "B", "C", "D"] {
+            repo.publish_targets(role);
+        }
+        repo.targets.get_mut("targets").unwrap().version += 1;
+        repo.publish_targets("targets");
+        repo.update_snapshot();
+        let client = client_for(&repo);
+        fails(&repo.download(&client, &["missingpath"]), "download");
+        assert_eq!(
+            repo.requests()[4..],
+            ["/metadata/1.A.json", "/metadata/1.C.json"]
+        );
+    }
 }
