@@ -11,6 +11,7 @@
 //! agent hands out) and a best guess otherwise. Each prediction joins at most one label.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use serde::{Deserialize, Serialize};
 
@@ -106,11 +107,34 @@ pub enum Join {
     Expired,
 }
 
+/// Multiplicative hash for prediction ids. The ids come from the app on this device, not
+/// from the network, so a DoS-resistant (and slower) SipHash buys nothing here.
+#[derive(Debug, Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(self.0 ^ u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fold the high half in so ids differing only there still spread; the odd multiplier
+        // is a bijection that also fills the high bits hashbrown uses for its tags.
+        self.0 = (n ^ (n >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 /// The bounded prediction table.
 #[derive(Debug, Clone)]
 pub struct LabelJoin {
     config: LabelConfig,
-    pending: HashMap<u64, Pending>,
+    pending: HashMap<u64, Pending, BuildHasherDefault<IdHasher>>,
     /// Insertion order: (id, seq, at_ms). Entries whose id was joined (or re-inserted) are
     /// stale and skipped when they reach the front.
     order: VecDeque<(u64, u64, u64)>,
@@ -126,7 +150,7 @@ impl LabelJoin {
             ..config
         };
         Self {
-            pending: HashMap::with_capacity(config.max_pending * 2),
+            pending: HashMap::with_capacity_and_hasher(config.max_pending * 2, Default::default()),
             order: VecDeque::with_capacity(config.max_pending),
             config,
             next_seq: 0,

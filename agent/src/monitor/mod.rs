@@ -364,3 +364,146 @@ impl Monitor {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn release(kind: &str) -> ModelRelease {
+        let labels: &[&str] = if kind == "raw" {
+            &[]
+        } else {
+            &["cat", "dog", "eel"]
+        };
+        ModelRelease::from_value(&serde_json::json!({
+            "schema": 1, "model": "m", "version": "2.0.0", "sequence": 2,
+            "io": {
+                "inputs": [{"name": "x", "dtype": "f32", "shape": [1, 4]}],
+                "outputs": [{"name": "y", "dtype": "f32", "shape": [1, 3], "kind": kind,
+                             "labels": labels}]
+            }
+        }))
+        .unwrap()
+    }
+
+    fn monitor() -> Monitor {
+        let config = MonitorConfig {
+            reservoir: ReservoirConfig {
+                max_count: 4,
+                max_bytes: 1 << 16,
+                seed: 1,
+            },
+            ..MonitorConfig::default()
+        };
+        Monitor::new(&release("class_logits"), config, 0).unwrap()
+    }
+
+    const X: [f32; 4] = [0.1, 0.2, 0.3, 0.4];
+    const UNSURE: [f32; 3] = [0.0, 0.1, 0.0];
+    const SURE: [f32; 3] = [0.0, 9.0, 0.0];
+
+    fn observe(m: &mut Monitor, id: u64, out: &[f32]) -> Result<InferenceRecord, MonitorError> {
+        m.observe(id, &[&X], out, Duration::from_micros(50), id)
+    }
+
+    #[test]
+    fn consent_off_collects_no_samples() {
+        let mut m = monitor();
+        for id in 0..10 {
+            observe(&mut m, id, &UNSURE).unwrap();
+        }
+        let out = m.flush(100).unwrap();
+        assert!(out.samples.is_empty());
+        assert_eq!(out.summary.samples.offered, 0);
+        assert_eq!(out.summary.low_confidence_rate, Some(1.0));
+    }
+
+    #[test]
+    fn consent_withdrawn_clears_held_samples() {
+        let mut m = monitor();
+        m.set_consent(true);
+        for id in 0..10 {
+            observe(&mut m, id, &UNSURE).unwrap();
+            observe(&mut m, 100 + id, &SURE).unwrap();
+        }
+        m.set_consent(false);
+        assert!(m.flush(100).unwrap().samples.is_empty());
+        // With consent, only the low-confidence inputs are kept.
+        m.set_consent(true);
+        for id in 0..10 {
+            observe(&mut m, id, &UNSURE).unwrap();
+            observe(&mut m, 100 + id, &SURE).unwrap();
+        }
+        let out = m.flush(200).unwrap();
+        assert_eq!(out.samples.len(), 4);
+        assert_eq!(out.summary.samples.offered, 10);
+        assert!(out.samples.iter().all(|s| s.prediction_id < 100));
+        assert_eq!(out.samples[0].inputs["x"], X.to_vec());
+        assert_eq!(out.samples[0].model.version, "2.0.0");
+    }
+
+    #[test]
+    fn unreadable_outputs_count_as_errors() {
+        let mut m = monitor();
+        assert!(matches!(
+            observe(&mut m, 1, &[0.0, 1.0]),
+            Err(MonitorError::OutputLength {
+                expected: 3,
+                got: 2
+            })
+        ));
+        assert!(matches!(
+            observe(&mut m, 2, &[0.0, f32::NAN, 1.0]),
+            Err(MonitorError::NonFiniteOutput { index: 1 })
+        ));
+        m.observe_error();
+        observe(&mut m, 3, &SURE).unwrap();
+        let s = m.flush(10).unwrap().summary;
+        assert_eq!((s.count, s.error_count), (1, 3));
+        // Failed inferences are not joinable.
+        assert_eq!(m.report_label(2, 1, 11), LabelOutcome::Unknown);
+    }
+
+    #[test]
+    fn raw_output_model_still_counts_latency_without_proxies() {
+        let mut m = Monitor::new(&release("raw"), MonitorConfig::default(), 0).unwrap();
+        let r = m
+            .observe(1, &[&X], &[0.5, f32::NAN], Duration::from_micros(7), 1)
+            .unwrap();
+        assert_eq!(r.class, None);
+        let s = m.flush(2).unwrap().summary;
+        assert_eq!(s.count, 1);
+        assert_eq!(s.expected_accuracy, None);
+        assert!(s.predicted_classes.is_empty());
+    }
+
+    #[test]
+    fn labels_join_by_class_name_and_are_emitted_once() {
+        let mut m = monitor();
+        observe(&mut m, 5, &SURE).unwrap();
+        let dog = m.class_index("dog").unwrap();
+        assert_eq!(m.class_index("yak"), None);
+        assert_eq!(
+            m.report_label(5, dog, 20),
+            LabelOutcome::Joined { correct: true }
+        );
+        let labels = m.take_labels();
+        assert_eq!(labels.len(), 1);
+        assert_eq!(labels[0].labelled_at_ms, 20);
+        let out = m.flush(30).unwrap();
+        assert!(out.labels.is_empty());
+        assert_eq!(out.summary.realized.correct, 1);
+    }
+
+    #[test]
+    fn rejects_unknown_output_name() {
+        let config = MonitorConfig {
+            output: Some("nope".into()),
+            ..MonitorConfig::default()
+        };
+        assert!(matches!(
+            Monitor::new(&release("class_logits"), config, 0),
+            Err(MonitorError::UnknownOutput { .. })
+        ));
+    }
+}

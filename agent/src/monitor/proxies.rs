@@ -91,22 +91,25 @@ pub fn class_proxies(
 
 /// Returns (top1, top2, entropy, top1 after temperature scaling or top1).
 fn logits_stats(row: &[f32], i1: usize, i2: usize, inv_t: Option<f64>) -> (f64, f64, f64, f64) {
-    let m = f64::from(row[i1]);
+    // Exponentials in f32 (the logits are f32 already; `d <= 0` so `exp(d)` is in (0, 1]),
+    // sums in f64: about twice as fast as f64 `exp`, with relative error ~1e-7.
+    let m = row[i1];
+    let inv_t32 = inv_t.unwrap_or(1.0) as f32;
     let (mut s, mut a, mut s_t) = (0.0f64, 0.0f64, 0.0f64);
     for &v in row {
-        let d = f64::from(v) - m;
-        let e = d.exp();
+        let d = v - m;
+        let e = f64::from(d.exp());
         s += e;
-        a += e * d;
-        if let Some(inv_t) = inv_t {
-            s_t += (d * inv_t).exp();
+        a += e * f64::from(d);
+        if inv_t.is_some() {
+            s_t += f64::from((d * inv_t32).exp());
         }
     }
     let top1 = 1.0 / s;
     let top2 = if i2 == usize::MAX {
         0.0
     } else {
-        (f64::from(row[i2]) - m).exp() / s
+        f64::from((row[i2] - m).exp()) / s
     };
     let entropy = s.ln() - a / s;
     let cal = if inv_t.is_some() { 1.0 / s_t } else { top1 };

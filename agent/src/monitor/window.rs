@@ -208,9 +208,14 @@ impl WindowSummary {
 struct FeatureSlot {
     input: usize,
     index: usize,
+    /// Start of this feature's `bins + 1` edges in `FeatureBinner::edges`.
     edges_start: usize,
     bins: usize,
     counts_start: usize,
+    /// Equal-width bins: the bin is guessed arithmetically, then checked against the edges.
+    uniform: bool,
+    lo: f64,
+    inv_width: f64,
 }
 
 /// Per-feature binning compiled from the reference; edges and counts are flat arrays.
@@ -219,7 +224,7 @@ struct FeatureBinner {
     slots: Vec<FeatureSlot>,
     names: Vec<(String, usize)>,
     frequencies: Vec<Vec<f64>>,
-    inner_edges: Vec<f64>,
+    edges: Vec<f64>,
     counts: Vec<u64>,
     missing: u64,
 }
@@ -240,15 +245,27 @@ impl FeatureBinner {
                     reason: format!("feature names unknown input {:?}", f.input),
                 })?;
             check_histogram(&f.histogram)?;
+            let edges = &f.histogram.edges;
             let bins = f.histogram.frequencies.len();
+            let (lo, hi) = (edges[0], edges[bins]);
+            let width = (hi - lo) / bins as f64;
+            let uniform = width.is_finite()
+                && width > 0.0
+                && edges
+                    .iter()
+                    .enumerate()
+                    .all(|(i, e)| (e - (lo + i as f64 * width)).abs() <= 1e-6 * width);
             b.slots.push(FeatureSlot {
                 input,
                 index: f.index,
-                edges_start: b.inner_edges.len(),
+                edges_start: b.edges.len(),
                 bins,
                 counts_start: b.counts.len(),
+                uniform,
+                lo,
+                inv_width: if uniform { 1.0 / width } else { 0.0 },
             });
-            b.inner_edges.extend_from_slice(&f.histogram.edges[1..bins]);
+            b.edges.extend_from_slice(edges);
             b.counts.resize(b.counts.len() + bins, 0);
             b.names.push((f.input.clone(), f.index));
             b.frequencies.push(f.histogram.frequencies.clone());
@@ -263,9 +280,8 @@ impl FeatureBinner {
                 self.missing += 1;
                 continue;
             };
-            let edges = &self.inner_edges[s.edges_start..s.edges_start + s.bins - 1];
-            // Same rule as `Histogram::bin`: count of inner edges <= v; NaN goes to bin 0.
-            let bin = edges.partition_point(|e| *e <= f64::from(v));
+            let edges = &self.edges[s.edges_start..s.edges_start + s.bins + 1];
+            let bin = bin_of(s, edges, f64::from(v));
             self.counts[s.counts_start + bin] += 1;
         }
     }
@@ -289,6 +305,29 @@ impl FeatureBinner {
         self.counts.iter_mut().for_each(|c| *c = 0);
         (out, std::mem::take(&mut self.missing))
     }
+}
+
+/// Bin of `v` by the rule of `Histogram::bin`: the number of inner edges `<= v`, so values
+/// outside the edges fall in the outer bins and NaN in bin 0. `edges` are all `bins + 1`.
+#[inline]
+fn bin_of(s: &FeatureSlot, edges: &[f64], v: f64) -> usize {
+    let last = s.bins - 1;
+    if !s.uniform {
+        return edges[1..=last].partition_point(|e| *e <= v);
+    }
+    // Below the first inner edge, or NaN.
+    if v.is_nan() || v < edges[1] {
+        return 0;
+    }
+    // The guess can be off by one where rounding meets an edge; the loops correct it.
+    let mut b = (((v - s.lo) * s.inv_width) as usize).min(last);
+    while b > 0 && edges[b] > v {
+        b -= 1;
+    }
+    while b < last && edges[b + 1] <= v {
+        b += 1;
+    }
+    b
 }
 
 fn check_histogram(h: &Histogram) -> Result<(), MonitorError> {
@@ -680,6 +719,56 @@ mod tests {
         let s = w.close(1, CloseReason::Flush).unwrap();
         assert_eq!(s.missing_features, 3);
         assert_eq!(s.features[0].counts, vec![1, 0]);
+    }
+
+    #[test]
+    fn feature_binning_matches_histogram_bin_on_edges_and_outliers() {
+        let uniform = Histogram {
+            edges: (0..=10).map(|i| f64::from(i) / 10.0).collect(),
+            frequencies: vec![0.1; 10],
+        };
+        let skewed = Histogram {
+            edges: vec![-1.0, 0.0, 0.01, 0.5, 3.0],
+            frequencies: vec![0.25; 4],
+        };
+        let single = Histogram {
+            edges: vec![0.0, 1.0],
+            frequencies: vec![1.0],
+        };
+        let mut r = release();
+        r.io.inputs[0].shape = vec![1, 3];
+        let reference = r.reference.as_mut().unwrap();
+        reference.features.clear();
+        for (i, h) in [&uniform, &skewed, &single].into_iter().enumerate() {
+            reference
+                .features
+                .push(outpost_protocol::release::FeatureReference {
+                    input: "x".into(),
+                    index: i,
+                    histogram: h.clone(),
+                });
+        }
+        let binner = FeatureBinner::new(&r).unwrap();
+        assert!(binner.slots[0].uniform && !binner.slots[1].uniform);
+        let mut values: Vec<f32> = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0];
+        values.extend((0..=10).map(|i| i as f32 / 10.0));
+        values.extend([
+            0.3f32, 0.7, 0.29999998, 0.70000005, 0.01, 0.5, 3.0, -1.0, 1.0,
+        ]);
+        let mut rng = fastrand::Rng::with_seed(3);
+        values.extend((0..2000).map(|_| rng.f32() * 5.0 - 2.0));
+        for (slot, h) in binner.slots.iter().zip([&uniform, &skewed, &single]) {
+            let edges = &binner.edges[slot.edges_start..slot.edges_start + slot.bins + 1];
+            for &v in &values {
+                let v = f64::from(v);
+                assert_eq!(
+                    bin_of(slot, edges, v),
+                    h.bin(v),
+                    "value {v} edges {:?}",
+                    h.edges
+                );
+            }
+        }
     }
 
     #[test]
