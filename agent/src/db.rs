@@ -111,7 +111,13 @@ mod tests {
         migrate(&mut conn, &[V1, V2]).unwrap();
         let err = migrate(&mut conn, &[V1]).unwrap_err();
         assert!(
-            matches!(err, MigrateError::TooNew { found: 2, supported: 1 }),
+            matches!(
+                err,
+                MigrateError::TooNew {
+                    found: 2,
+                    supported: 1
+                }
+            ),
             "{err:?}"
         );
     }
@@ -129,6 +135,9 @@ mod tests {
             .unwrap();
         assert_eq!(version, 1);
         // The half-applied ALTER was rolled back with the step.
-        assert!(conn.execute("INSERT INTO a (x, y) VALUES (1, 'z')", []).is_err());
+        assert!(
+            conn.execute("INSERT INTO a (x, y) VALUES (1, 'z')", [])
+                .is_err()
+        );
     }
 }

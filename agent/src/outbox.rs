@@ -345,7 +345,10 @@ impl Clock for SystemClock {
     }
 
     fn wall_ms(&self) -> Option<u64> {
-        let ms = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_millis();
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()?
+            .as_millis();
         let ms = u64::try_from(ms).ok()?;
         (ms >= BELIEVABLE_WALL_MS).then_some(ms)
     }
@@ -517,11 +520,10 @@ impl Outbox {
         let clock_ms = counter("clock_ms")?.unwrap_or(0);
         let clock_wall_ms = counter("clock_wall_ms")?;
 
-        let (max_seq, max_created): (Option<i64>, Option<i64>) = conn.query_row(
-            "SELECT MAX(seq), MAX(created_ms) FROM records",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        let (max_seq, max_created): (Option<i64>, Option<i64>) =
+            conn.query_row("SELECT MAX(seq), MAX(created_ms) FROM records", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
         if let Some(max_seq) = max_seq.and_then(db::to_u64) {
             // Defensive: the counter is written in the same transaction as every insert.
             counters.next_seq = counters.next_seq.max(max_seq + 1);
@@ -724,8 +726,7 @@ impl Outbox {
                     truncated = true;
                     break;
                 }
-                let payload: Vec<u8> =
-                    payload_stmt.query_row([db::to_i64(seq)], |r| r.get(0))?;
+                let payload: Vec<u8> = payload_stmt.query_row([db::to_i64(seq)], |r| r.get(0))?;
                 bytes += size;
                 records.push(Record {
                     seq,
@@ -785,10 +786,7 @@ impl Outbox {
                     deleted += records;
                 }
             }
-            tx.execute(
-                "DELETE FROM records WHERE seq <= ?1",
-                [db::to_i64(up_to)],
-            )?;
+            tx.execute("DELETE FROM records WHERE seq <= ?1", [db::to_i64(up_to)])?;
             next.acked = up_to;
             write_counter(&tx, "acked_seq", up_to)?;
             write_clock(&tx, now, wall)?;
@@ -972,7 +970,13 @@ mod tests {
         assert_eq!(outbox.ack(2).unwrap(), 0);
         assert_eq!(outbox.ack(3).unwrap(), 0);
         assert_eq!(seqs(&outbox), vec![4, 5]);
-        assert_eq!(outbox.usage().sample, Tally { records: 2, bytes: 2 });
+        assert_eq!(
+            outbox.usage().sample,
+            Tally {
+                records: 2,
+                bytes: 2
+            }
+        );
         let batch = outbox.read_batch(10, 1000).unwrap();
         assert_eq!(batch.after_seq, 3);
         assert_eq!(batch.covers_to, 5);
@@ -986,7 +990,13 @@ mod tests {
         outbox.push(Class::Event, b"x").unwrap();
         let err = outbox.ack(7).unwrap_err();
         assert!(
-            matches!(err, OutboxError::AckAhead { acked: 7, high_water: 1 }),
+            matches!(
+                err,
+                OutboxError::AckAhead {
+                    acked: 7,
+                    high_water: 1
+                }
+            ),
             "{err:?}"
         );
         assert_eq!(seqs(&outbox), vec![1]);
@@ -1051,8 +1061,20 @@ mod tests {
         let e2 = stored(outbox.push(Class::Event, &[0; 10]).unwrap());
         assert_eq!(seqs(&outbox), vec![l1, w2, e1, e2]);
         let drops = outbox.drop_counters();
-        assert_eq!(drops.sample, Tally { records: 2, bytes: 20 });
-        assert_eq!(drops.window, Tally { records: 1, bytes: 10 });
+        assert_eq!(
+            drops.sample,
+            Tally {
+                records: 2,
+                bytes: 20
+            }
+        );
+        assert_eq!(
+            drops.window,
+            Tally {
+                records: 1,
+                bytes: 10
+            }
+        );
         assert_eq!(drops.label, Tally::default());
         assert_eq!(drops.event, Tally::default());
     }
@@ -1073,14 +1095,26 @@ mod tests {
         );
         assert_eq!(seqs(&outbox), vec![e, l, s]);
         let drops = outbox.drop_counters();
-        assert_eq!(drops.window, Tally { records: 1, bytes: 10 });
+        assert_eq!(
+            drops.window,
+            Tally {
+                records: 1,
+                bytes: 10
+            }
+        );
         assert_eq!(drops.sample, Tally::default());
         // A record larger than the whole outbox is dropped too.
         assert_eq!(
             outbox.push(Class::Event, &[0; 31]).unwrap(),
             PushOutcome::Dropped
         );
-        assert_eq!(outbox.drop_counters().event, Tally { records: 1, bytes: 31 });
+        assert_eq!(
+            outbox.drop_counters().event,
+            Tally {
+                records: 1,
+                bytes: 31
+            }
+        );
         // The dropped pushes consumed no sequence numbers.
         assert_eq!(stored(outbox.push(Class::Sample, &[]).unwrap()), s + 1);
     }
@@ -1109,7 +1143,13 @@ mod tests {
         // The evicted record 1 is inside the covered range, so the server can move past it.
         assert_eq!((batch.after_seq, batch.covers_to), (0, 2));
         assert_eq!(batch.records[0].seq, 2);
-        assert_eq!(outbox.usage().sample, Tally { records: 1, bytes: 3 });
+        assert_eq!(
+            outbox.usage().sample,
+            Tally {
+                records: 1,
+                bytes: 3
+            }
+        );
     }
 
     #[test]
@@ -1122,7 +1162,10 @@ mod tests {
             outbox.push(classes[i as usize % 4], &[i; 10]).unwrap();
         }
         let batch = outbox.read_batch(3, 1000).unwrap();
-        assert_eq!(batch.records.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            batch.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
         assert_eq!(batch.records[1].class, Class::Event);
         assert_eq!(batch.records[1].payload, vec![1; 10]);
         assert_eq!(batch.covers_to, 3);
@@ -1224,7 +1267,10 @@ mod tests {
         // Acknowledging frees pages; pushing works again with the next sequence.
         let last = *written.last().unwrap();
         outbox.ack(last).unwrap();
-        assert_eq!(stored(outbox.push(Class::Event, &payload).unwrap()), last + 1);
+        assert_eq!(
+            stored(outbox.push(Class::Event, &payload).unwrap()),
+            last + 1
+        );
         drop(outbox);
         let outbox = open(dir.path(), unlimited(1 << 30), &clock);
         assert_eq!(seqs(&outbox), vec![last + 1]);
@@ -1240,11 +1286,23 @@ mod tests {
             outbox.push(Class::Sample, &[0; 40]).unwrap();
         }
         let outbox = open(dir.path(), unlimited(100), &clock);
-        assert_eq!(outbox.usage().label, Tally { records: 1, bytes: 40 });
+        assert_eq!(
+            outbox.usage().label,
+            Tally {
+                records: 1,
+                bytes: 40
+            }
+        );
         // The cap still counts what was stored before the restart.
         outbox.push(Class::Label, &[0; 40]).unwrap();
         assert_eq!(outbox.usage().sample, Tally::default());
-        assert_eq!(outbox.drop_counters().sample, Tally { records: 1, bytes: 40 });
+        assert_eq!(
+            outbox.drop_counters().sample,
+            Tally {
+                records: 1,
+                bytes: 40
+            }
+        );
     }
 
     #[test]

@@ -421,10 +421,11 @@ impl Store {
             return Ok(());
         }
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp_path = self
-            .root
-            .join(TMP_DIR)
-            .join(format!("{}.{}.{n}.part", expected.to_hex(), std::process::id()));
+        let tmp_path = self.root.join(TMP_DIR).join(format!(
+            "{}.{}.{n}.part",
+            expected.to_hex(),
+            std::process::id()
+        ));
         let result = write_verified(&tmp_path, reader, expected, expected_len);
         if let Err(err) = result {
             let _ = fs::remove_file(&tmp_path);
@@ -677,7 +678,9 @@ impl Store {
                     }
                     None => {
                         tx.execute("DELETE FROM slots WHERE model = ?1", [&model])?;
-                        report.repaired_slots.push(SlotRepair::Cleared { model, lost });
+                        report
+                            .repaired_slots
+                            .push(SlotRepair::Cleared { model, lost });
                     }
                 }
             } else if let Some(previous) = &slot.previous
@@ -796,7 +799,10 @@ fn list_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
         let entry = entry.map_err(io_err("list", dir))?;
-        out.push((entry.file_name().to_string_lossy().into_owned(), entry.path()));
+        out.push((
+            entry.file_name().to_string_lossy().into_owned(),
+            entry.path(),
+        ));
     }
     out.sort();
     Ok(out)
@@ -890,7 +896,9 @@ mod tests {
     use super::*;
 
     fn blob(seed: u8, len: usize) -> (Vec<u8>, BlobHash) {
-        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect();
         let hash = BlobHash::of(&data);
         (data, hash)
     }
@@ -902,7 +910,10 @@ mod tests {
     }
 
     fn tmp_is_empty(store: &Store) -> bool {
-        fs::read_dir(store.root().join(TMP_DIR)).unwrap().next().is_none()
+        fs::read_dir(store.root().join(TMP_DIR))
+            .unwrap()
+            .next()
+            .is_none()
     }
 
     #[test]
@@ -949,12 +960,26 @@ mod tests {
         let (data, hash) = blob(3, 1000);
         let err = store.put_blob(&data[..], hash, 999).unwrap_err();
         assert!(
-            matches!(err, StoreError::LengthMismatch { expected: 999, too_long: true, .. }),
+            matches!(
+                err,
+                StoreError::LengthMismatch {
+                    expected: 999,
+                    too_long: true,
+                    ..
+                }
+            ),
             "{err:?}"
         );
         let err = store.put_blob(&data[..], hash, 1001).unwrap_err();
         assert!(
-            matches!(err, StoreError::LengthMismatch { expected: 1001, actual: 1000, too_long: false }),
+            matches!(
+                err,
+                StoreError::LengthMismatch {
+                    expected: 1001,
+                    actual: 1000,
+                    too_long: false
+                }
+            ),
             "{err:?}"
         );
         assert!(!store.has_blob(&hash));
@@ -1087,10 +1112,14 @@ mod tests {
         let mut bad = report.bad_blobs_removed.clone();
         bad.sort();
         assert_eq!(bad, expected_bad);
-        assert!(report.repaired_slots.contains(&SlotRepair::RevertedToPrevious {
-            model: "m".into(),
-            lost: b
-        }));
+        assert!(
+            report
+                .repaired_slots
+                .contains(&SlotRepair::RevertedToPrevious {
+                    model: "m".into(),
+                    lost: b
+                })
+        );
         assert!(report.repaired_slots.contains(&SlotRepair::Cleared {
             model: "solo".into(),
             lost: c
@@ -1100,7 +1129,10 @@ mod tests {
         assert_eq!(slot.active.release_json, r#"{"v":"a"}"#);
         assert!(slot.previous.is_none());
         assert!(store.active("solo").unwrap().is_none());
-        assert_eq!(store.open_model("m").unwrap().bytes, store.read_blob(&a).unwrap());
+        assert_eq!(
+            store.open_model("m").unwrap().bytes,
+            store.read_blob(&a).unwrap()
+        );
         assert!(tmp_is_empty(&store));
     }
 
@@ -1181,8 +1213,17 @@ mod tests {
     fn blob_hash_parses_only_64_hex_digits() {
         let hash = BlobHash::of(b"x");
         assert_eq!(hash.to_hex().parse::<BlobHash>().unwrap(), hash);
-        assert_eq!(hash.to_hex().to_uppercase().parse::<BlobHash>().unwrap(), hash);
-        for bad in ["", "ab", &"g".repeat(64), &"a".repeat(65), "../../etc/passwd"] {
+        assert_eq!(
+            hash.to_hex().to_uppercase().parse::<BlobHash>().unwrap(),
+            hash
+        );
+        for bad in [
+            "",
+            "ab",
+            &"g".repeat(64),
+            &"a".repeat(65),
+            "../../etc/passwd",
+        ] {
             assert!(bad.parse::<BlobHash>().is_err(), "{bad}");
         }
     }
