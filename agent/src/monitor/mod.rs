@@ -335,7 +335,8 @@ impl Monitor {
         self.window.due(now_ms).is_some()
     }
 
-    /// Closes the current window if it is due by count or time.
+    /// Closes the current window if it is due by count or time. Call it after inferences
+    /// and also from a periodic timer, so that a quiet model's window still closes on time.
     pub fn maybe_close(&mut self, now_ms: u64) -> Option<WindowOutput> {
         let reason = self.window.due(now_ms)?;
         self.close(now_ms, reason)
