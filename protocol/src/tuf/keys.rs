@@ -310,4 +310,40 @@ mod tests {
         key.verify(b"payload", &der).unwrap();
         assert_eq!(key.verify(b"payloaD", &der), Err(KeyError::BadSignature));
     }
+
+    // Fixture made with `openssl dgst -sha256 -sign KEY -sigopt rsa_padding_mode:pss
+    // -sigopt rsa_pss_saltlen:{32,max,20}` over RSA_MSG.
+    const RSA_PEM: &str = "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAnWLkjLmFTIpUtyICdPW6\nefBTB+faFUq/6Cg45BiXHLJd7iwtqnmpiWRlJENEX5O3Uz0ovZqgiEKaOR83s0zt\nEanNZ4RP7noMvhlIzn72CNC5J69z3lXXc9s3X4Msr5/4I2kMNH4fshb5RoYd+scG\n0sTsZuJIUtDOOj+6JnfcFFKlzmQwMl7cSdQiZycjGXIuM2F5Zyp7IzJDZ3qcyZ2G\nZ1DM7SK4m7JhGz6UlJFUmgOoOdzqR6TnNfK9xrsmNcXqN+znWky3VkNlj+9hPWWu\nsfPcxkXqemNvT8jJKGHy1DRIVdDxTILCfjRFsyOewJEzj0UiFVvUP+itR19ESwUm\nEQIDAQAB\n-----END PUBLIC KEY-----";
+    const RSA_MSG: &[u8] = b"outpost rsa fixture";
+    const RSA_SIG_SALT32: &str = "65c1e5da634f7293e0c28f3ebe85419e35d155e0cd252f986fba175151bc13f7ff3dd2a1cec78fdcc20b331b9e4001038768ea3782bdb25f1acad932feeaeb0ba310cdd963721fb241eb0d3df3bed93eb895ae42fead8baeff687745f7af3e20edc4c5479510cba2f8341819df59cf78be4cdbd37379e317f41b8e43feed91bb67166e041dff6bea9434ef1d65ed1c64a7053cfddc2862374ed4c5e9372ae5bd2a7a81436ed0b3e2247ddda0ca1031f781517f49421b3f8b72be7446a6dc06beb6dc10d6fabe58a2c3cd828610d0537e3f5d57a73e47b3f82fe62eb98eaa96609329eefb929bfed4f4ac4e8bd13993050069e9357364274f16e367f85c155027";
+    const RSA_SIG_SALTMAX: &str = "7a4dc0598e0879e244051f5b7983f19afc635418a9c7f1bd707c15dc0932510a38b8d5e3cf08c8f4be2cc8c0a01026dd6b1aea1c66397a82d0723c49b4fd67ea6bb7dc0e021356818bfb9e66ca8a0761638f2587354be35104c663cc45bfb4424978acfdff159e3d1b99b2dae8b2998497716e57c28c3583fd89bce9a1e13d8336063c241f870095265d395b0646baaebb12943a367def19b9bc6ddbebb51e24d761653b08468dccbe0b05e63223fa1635678b462b686c16de97d1b30982bed5181764e9f35909b7483bbd898003ddd74b3a52eb9d904e8133f76d8781b2192fb969e0c52b91275869a703cf3c9ec5c6cd571ce962abd788d1e8eb283de4cbd7";
+    const RSA_SIG_SALT20: &str = "248a645daccc78bed9206812b10492405173b97a994b008e3c6bb81b229466b2df6e39d3b763cd1e90a6a246b6c47d1870d2782b332a1ab7d9b847a5dba549691aa1bc1bb49301622cf2fe0205bded2a94db43fbc4dd4e5c659569f98e42cf9551fd45b0571047ba9a424b5e456485e0a44d12e9ed8c4c162507bdde20ef2ffcf51df27c764b01a3df08667db9efcdc6de25df12de90c3ff66a674531487025bae9b885d5d56a35f6f29cb4c315909d0fdb2fc477e61dd406e6e82ba0be8300546ec0be6c9f469d1485258e5f9fdad0e46c69769b26ae77362a9891fed39a833d2d5290925e3f7dcbdf1d07aeb7fa58a9fb70af8c1f1d13a4f722c67eda019eb";
+
+    fn rsa_key() -> Key {
+        Key {
+            keytype: "rsa".into(),
+            scheme: "rsassa-pss-sha256".into(),
+            keyval: KeyVal {
+                public: RSA_PEM.into(),
+                extra: BTreeMap::new(),
+            },
+            extra: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn verifies_rsa_pss_with_digest_and_max_salt_lengths() {
+        let key = rsa_key();
+        key.verify(RSA_MSG, RSA_SIG_SALT32).unwrap();
+        key.verify(RSA_MSG, RSA_SIG_SALTMAX).unwrap();
+        assert_eq!(
+            key.verify(b"other", RSA_SIG_SALT32),
+            Err(KeyError::BadSignature)
+        );
+        // Other salt lengths are outside what TUF signers produce; documented as rejected.
+        assert_eq!(
+            key.verify(RSA_MSG, RSA_SIG_SALT20),
+            Err(KeyError::BadSignature)
+        );
+    }
 }
