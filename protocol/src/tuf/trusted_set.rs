@@ -246,8 +246,12 @@ impl TrustedSet {
             // 5.5.2: check against the length and hashes the timestamp signs.
             meta.verify_bytes("snapshot", bytes)?;
         }
-        let (new, env, msg) =
-            parse::<Snapshot>(bytes, meta.length.unwrap_or(self.limits.snapshot))?;
+        // A cached snapshot may predate the signed length: only the limit caps it.
+        let cap = match meta.length {
+            Some(len) if !from_local_store => len,
+            _ => self.limits.snapshot,
+        };
+        let (new, env, msg) = parse::<Snapshot>(bytes, cap)?;
         // 5.5.3: check signatures by the root's snapshot keys.
         verify_by_root(&self.root, "snapshot", &env, &msg)?;
         if let Some(old) = &self.snapshot {
