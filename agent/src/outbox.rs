@@ -737,9 +737,10 @@ impl Outbox {
             }
         }
         let high_water = counters.next_seq - 1;
-        let covers_to = match records.last() {
-            Some(last) if truncated => last.seq,
-            _ => high_water,
+        let covers_to = if truncated {
+            records.last().map_or(counters.acked, |last| last.seq)
+        } else {
+            high_water
         };
         Ok(Batch {
             after_seq: counters.acked,
@@ -1120,6 +1121,51 @@ mod tests {
     }
 
     #[test]
+    fn full_outbox_of_one_class_rotates_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(None);
+        let outbox = open(dir.path(), unlimited(30), &clock);
+        for i in 0..5u8 {
+            outbox.push(Class::Sample, &[i; 10]).unwrap();
+        }
+        let records = all(&outbox);
+        assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 5]);
+        assert_eq!(records[0].payload, vec![2; 10]);
+        assert_eq!(
+            outbox.usage().sample,
+            Tally {
+                records: 3,
+                bytes: 30
+            }
+        );
+        assert_eq!(
+            outbox.drop_counters().sample,
+            Tally {
+                records: 2,
+                bytes: 20
+            }
+        );
+        // After eviction the batch still covers the evicted sequences 1 and 2.
+        let batch = outbox.read_batch(10, 1000).unwrap();
+        assert_eq!((batch.after_seq, batch.covers_to), (0, 5));
+        // If every pending record was evicted, an empty batch covers up to the high water.
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = unlimited(1000);
+        config.quotas.sample = Quota {
+            max_bytes: None,
+            max_records: Some(1),
+        };
+        let outbox = open(dir.path(), config, &clock);
+        outbox.push(Class::Sample, b"a").unwrap();
+        outbox.push(Class::Sample, b"b").unwrap();
+        let batch = outbox.read_batch(10, 1000).unwrap();
+        assert_eq!(batch.records.len(), 1);
+        assert_eq!(batch.covers_to, 2);
+        outbox.ack(2).unwrap();
+        assert_eq!(outbox.usage().sample, Tally::default());
+    }
+
+    #[test]
     fn drop_counters_persist_and_travel_with_batches() {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(None);
@@ -1175,6 +1221,10 @@ mod tests {
         // The first record always goes, even when larger than the byte limit.
         let batch = outbox.read_batch(100, 1).unwrap();
         assert_eq!(batch.records.len(), 1);
+        // An empty batch must not claim to cover pending records.
+        let batch = outbox.read_batch(0, 1000).unwrap();
+        assert!(batch.records.is_empty());
+        assert_eq!(batch.covers_to, 0);
         let batch = outbox.read_batch(100, 1000).unwrap();
         assert_eq!(batch.records.len(), 8);
         assert_eq!(batch.covers_to, 8);

@@ -414,9 +414,12 @@ impl Store {
     /// exists with the right length, `reader` is not read.
     pub fn put_blob(&self, reader: impl Read, expected: BlobHash, expected_len: u64) -> Result<()> {
         let final_path = self.blob_path(&expected);
+        // An existing blob is re-hashed rather than trusted: if it rotted, the rename below
+        // replaces it with the verified new copy.
         if let Ok(meta) = fs::metadata(&final_path)
             && meta.is_file()
             && meta.len() == expected_len
+            && hash_file(&final_path).is_ok_and(|h| h == expected)
         {
             return Ok(());
         }
@@ -1002,6 +1005,19 @@ mod tests {
             }
         }
         store.put_blob(Failing, hash, 2000).unwrap();
+        assert_eq!(store.read_blob(&hash).unwrap(), data);
+    }
+
+    #[test]
+    fn put_blob_repairs_a_rotten_copy_of_the_same_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (data, hash) = blob(5, 2000);
+        store.put_blob(&data[..], hash, 2000).unwrap();
+        let mut rotten = data.clone();
+        rotten[7] ^= 0x80;
+        fs::write(store.blob_path(&hash), &rotten).unwrap();
+        store.put_blob(&data[..], hash, 2000).unwrap();
         assert_eq!(store.read_blob(&hash).unwrap(), data);
     }
 

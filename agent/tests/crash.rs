@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use outpost_agent::outbox::{Class, Outbox, OutboxConfig, PushOutcome};
-use outpost_agent::store::{BlobHash, Store};
+use outpost_agent::store::{BlobHash, Store, StoreError};
 
 const CHILD_DIR_ENV: &str = "OUTPOST_CRASH_CHILD_DIR";
 const CHILD_SEED_ENV: &str = "OUTPOST_CRASH_CHILD_SEED";
@@ -369,4 +369,36 @@ fn outbox_survives_kill_9_during_pushes() {
         }
     }
     eprintln!("outbox: {ROUNDS} kills, {max_seen} sequence numbers, acked to {acked}");
+}
+
+#[test]
+fn data_dir_lock_refuses_second_process_and_dies_with_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_child("crash_child_store", dir.path(), 7);
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = lines
+        .by_ref()
+        .map(|l| l.expect("child stdout"))
+        .any(|l| l == "READY");
+    assert!(ready, "child never opened the store");
+
+    let err = Store::open(dir.path()).expect_err("data dir is held by the child");
+    match &err {
+        StoreError::Locked { path, holder_pid } => {
+            assert_eq!(path, dir.path());
+            assert_eq!(*holder_pid, Some(child.id()));
+        }
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    assert!(
+        err.to_string().contains(&format!("(pid {})", child.id())),
+        "{err}"
+    );
+
+    child.kill().expect("SIGKILL child");
+    child.wait().expect("reap child");
+    drop(lines);
+    // The kernel drops the lock with the process: no stale-lock cleanup is needed.
+    Store::open(dir.path()).expect("lock released by kill -9");
 }
