@@ -64,6 +64,10 @@
 //! CREATE TABLE drops (class INTEGER PRIMARY KEY, records INTEGER NOT NULL, bytes INTEGER NOT NULL);
 //! ```
 //!
+//! Sequence numbers and usage counters are cached in memory, so a file must have one
+//! `Outbox` at a time: open it as `DATA/outbox.db` ([`crate::store::Store::outbox_path`])
+//! in the process that holds the data directory's lock.
+//!
 //! A full disk (`SQLITE_FULL`) is reported as [`OutboxError::DiskFull`]; the transaction is
 //! rolled back and nothing stored before is lost.
 //!

@@ -1226,6 +1226,12 @@ mod tests {
     }
 
     #[test]
+    fn store_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Store>();
+    }
+
+    #[test]
     fn blob_hash_parses_only_64_hex_digits() {
         let hash = BlobHash::of(b"x");
         assert_eq!(hash.to_hex().parse::<BlobHash>().unwrap(), hash);
