@@ -1,1 +1,3 @@
 //! End-to-end tests: one binary, one module per scenario.
+
+mod trust_demo;
