@@ -5,15 +5,20 @@
 //!
 //! 1. ops (no prefix): `varint count`, then ops covering the target in order:
 //!    `0 len` literal bytes from section 2; `1 base_off len` a copy of a base range;
-//!    `2 base_off len transform width` the next `len` bytes of section 3, inverse
-//!    transformed against `base[base_off..][..len]`.
+//!    `2 base_off len transform width stored_len` the next `stored_len` bytes of
+//!    section 3, inverse transformed against `base[base_off..][..len]`.
 //! 2. literals, compressed with the base as reference prefix.
 //! 3. transformed tensor differences.
 //!
 //! Transforms work on little-endian elements of `width` bytes (1, 2, 4 or 8): `1` XOR,
 //! `2` wrapping difference, zigzag-encoded. Both then split the elements into byte planes
 //! (byte 0 of every element, then byte 1, ...), which puts the mostly-zero high bytes
-//! of small differences next to each other.
+//! of small differences next to each other. With bit `0x80` set (widths 2, 4, 8), the
+//! elements are first grouped by the exponent bits of the base element (a stable
+//! counting sort the decoder repeats from the base), so that differences of similar
+//! magnitude sit together. `3` is the sparse zigzag difference:
+//! `varint count | count x element value | count x varint gap`, for tensors where few
+//! elements changed.
 
 use super::onnx::{self, Tensor};
 use super::wire::{Reader, put_varint};
@@ -26,29 +31,45 @@ const OP_DELTA: u8 = 2;
 
 /// Hard cap on the decoded ops section.
 const MAX_OPS_BYTES: u64 = 64 << 20;
+/// Tensors smaller than this stay in the literal section: an op would cost more than
+/// the reference-prefix match that covers them there.
+const MIN_TENSOR_LEN: usize = 64;
 /// zstd level for choosing a transform per tensor (cheap; only relative sizes matter).
 const PROBE_LEVEL: i32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Transform {
-    Xor,
-    Sub,
+    Xor { grouped: bool },
+    Sub { grouped: bool },
+    Sparse,
 }
+
+const GROUPED: u8 = 0x80;
 
 impl Transform {
     fn id(self) -> u8 {
         match self {
-            Transform::Xor => 1,
-            Transform::Sub => 2,
+            Transform::Xor { grouped } => 1 | if grouped { GROUPED } else { 0 },
+            Transform::Sub { grouped } => 2 | if grouped { GROUPED } else { 0 },
+            Transform::Sparse => 3,
         }
     }
 
     fn from_id(id: u8) -> Option<Self> {
-        match id {
-            1 => Some(Transform::Xor),
-            2 => Some(Transform::Sub),
+        let grouped = id & GROUPED != 0;
+        match id & !GROUPED {
+            1 => Some(Transform::Xor { grouped }),
+            2 => Some(Transform::Sub { grouped }),
+            3 if !grouped => Some(Transform::Sparse),
             _ => None,
         }
+    }
+
+    fn grouped(self) -> bool {
+        matches!(
+            self,
+            Transform::Xor { grouped: true } | Transform::Sub { grouped: true }
+        )
     }
 }
 
@@ -63,6 +84,7 @@ enum Op {
         len: usize,
         transform: Transform,
         width: usize,
+        stored: usize,
     },
 }
 
@@ -87,7 +109,11 @@ pub(crate) fn encode(base: &[u8], target: &[u8], level: i32, out: &mut Vec<u8>) 
         let key = (t.name, *n);
         *n += 1;
         let Some(b) = by_key.get(&key) else { continue };
-        if t.data.start < cursor || b.width != t.width || b.data.len() != t.data.len() {
+        if t.data.start < cursor
+            || t.data.len() < MIN_TENSOR_LEN
+            || b.width != t.width
+            || b.data.len() != t.data.len()
+        {
             continue;
         }
         let (tb, bb) = (&target[t.data.clone()], &base[b.data.clone()]);
@@ -105,6 +131,7 @@ pub(crate) fn encode(base: &[u8], target: &[u8], level: i32, out: &mut Vec<u8>) 
                         len: tb.len(),
                         transform,
                         width: t.width,
+                        stored: bytes.len(),
                     }
                 }
                 None => continue,
@@ -140,12 +167,14 @@ pub(crate) fn encode(base: &[u8], target: &[u8], level: i32, out: &mut Vec<u8>) 
                 len,
                 transform,
                 width,
+                stored,
             } => {
                 op_bytes.push(OP_DELTA);
                 put_varint(&mut op_bytes, off as u64);
                 put_varint(&mut op_bytes, len as u64);
                 op_bytes.push(transform.id());
                 op_bytes.push(width as u8);
+                put_varint(&mut op_bytes, stored as u64);
             }
         }
     }
@@ -162,20 +191,34 @@ fn best_transform(
     base: &[u8],
     target: &[u8],
 ) -> Result<Option<(Transform, Vec<u8>)>> {
-    let order = if t.is_float() {
-        [Transform::Xor, Transform::Sub]
-    } else {
-        [Transform::Sub, Transform::Xor]
-    };
+    let w = t.width;
+    let changed = target
+        .chunks_exact(w)
+        .zip(base.chunks_exact(w))
+        .filter(|(a, b)| a != b)
+        .count();
+    let mut candidates = Vec::new();
+    if changed * 8 <= target.len() / w {
+        candidates.push(Transform::Sparse);
+    }
+    for grouped in [false, true] {
+        if grouped && (w == 1 || !t.is_float()) {
+            continue;
+        }
+        candidates.push(Transform::Xor { grouped });
+        candidates.push(Transform::Sub { grouped });
+    }
     let mut best: Option<(usize, Transform, Vec<u8>)> = None;
-    for transform in order {
-        let bytes = forward(transform, t.width, base, target);
+    for transform in candidates {
+        let bytes = forward(transform, w, base, target);
         let size = zref::compress(&[], &bytes, PROBE_LEVEL)?.len();
         if best.as_ref().is_none_or(|(s, _, _)| size < *s) {
             best = Some((size, transform, bytes));
         }
     }
-    let literal = zref::compress(&[], target, PROBE_LEVEL)?.len();
+    // In the literal section these bytes are matched against the base, so estimate them
+    // with the base tensor as prefix.
+    let literal = zref::compress(base, target, PROBE_LEVEL)?.len();
     Ok(best
         .filter(|(size, _, _)| *size < literal)
         .map(|(_, transform, bytes)| (transform, bytes)))
@@ -259,18 +302,19 @@ pub(crate) fn decode(base: &[u8], payload: &[u8], target_len: usize) -> Result<V
             Op::Copy { off, len } => out.extend_from_slice(&base[off..off + len]),
             Op::Delta {
                 off,
-                len,
                 transform,
                 width,
+                stored,
+                len,
             } => {
                 inverse(
                     transform,
                     width,
                     &base[off..off + len],
-                    &diffs[dp..dp + len],
+                    &diffs[dp..dp + stored],
                     &mut out,
-                );
-                dp += len;
+                )?;
+                dp += stored;
             }
         }
     }
@@ -325,7 +369,16 @@ fn parse_ops(
                     if !matches!(width, 1 | 2 | 4 | 8) || len % width != 0 {
                         return Err(DeltaError::Corrupt("bad element width"));
                     }
-                    dp = dp.checked_add(len).filter(|&n| n <= diff_len).ok_or(
+                    if transform.grouped() && width == 1 {
+                        return Err(DeltaError::Corrupt("grouping needs elements of 2+ bytes"));
+                    }
+                    let stored = usize_of(r.varint().ok_or(BAD)?)?;
+                    // Dense transforms store exactly one byte per target byte; the sparse
+                    // one is checked while decoding, inside its `stored` bytes.
+                    if transform != Transform::Sparse && stored != len {
+                        return Err(DeltaError::Corrupt("dense difference of the wrong length"));
+                    }
+                    dp = dp.checked_add(stored).filter(|&n| n <= diff_len).ok_or(
                         DeltaError::Corrupt("delta ops exceed the difference section"),
                     )?;
                     Op::Delta {
@@ -333,6 +386,7 @@ fn parse_ops(
                         len,
                         transform,
                         width,
+                        stored,
                     }
                 }
                 _ => return Err(DeltaError::Corrupt("unknown op")),
@@ -368,48 +422,162 @@ fn mask(width: usize) -> u64 {
     u64::MAX >> (64 - 8 * width)
 }
 
-/// Transformed, byte-plane-shuffled bytes of `target` against `base` (same length,
-/// a multiple of `width`).
+fn zigzag(d: u64, width: usize) -> u64 {
+    let m = mask(width);
+    let neg = if d >> (8 * width - 1) & 1 == 1 { m } else { 0 };
+    ((d << 1) & m) ^ neg
+}
+
+fn unzigzag(z: u64, width: usize) -> u64 {
+    (z >> 1) ^ if z & 1 == 1 { mask(width) } else { 0 }
+}
+
+/// Positions of elements in exponent-grouped order: a stable counting sort keyed by the
+/// bits just below the sign of each base element (the exponent of an IEEE float; for
+/// 2-byte elements, the bfloat16 exponent or the float16 exponent and top mantissa bits).
+struct Order {
+    next: Option<Vec<usize>>,
+}
+
+impl Order {
+    fn new(base: &[u8], width: usize, grouped: bool) -> Self {
+        if !grouped {
+            return Order { next: None };
+        }
+        let mut next = vec![0usize; 1 << Self::key_bits(width)];
+        for b in base.chunks_exact(width) {
+            next[Self::key(load(b), width)] += 1;
+        }
+        let mut acc = 0;
+        for slot in &mut next {
+            let n = *slot;
+            *slot = acc;
+            acc += n;
+        }
+        Order { next: Some(next) }
+    }
+
+    fn key_bits(width: usize) -> u32 {
+        if width == 8 { 11 } else { 8 }
+    }
+
+    fn key(b: u64, width: usize) -> usize {
+        let bits = Self::key_bits(width);
+        let shift = 8 * width as u32 - 1 - bits;
+        ((b >> shift) & ((1 << bits) - 1)) as usize
+    }
+
+    /// Position of element `i` (whose base value is `b`); call once per element, in order.
+    /// Always below the element count, since the counts came from the same base.
+    fn pos(&mut self, i: usize, b: u64, width: usize) -> usize {
+        match &mut self.next {
+            None => i,
+            Some(next) => {
+                let slot = &mut next[Self::key(b, width)];
+                let p = *slot;
+                *slot += 1;
+                p
+            }
+        }
+    }
+}
+
+/// Transformed bytes of `target` against `base` (same length, a multiple of `width`).
 fn forward(transform: Transform, width: usize, base: &[u8], target: &[u8]) -> Vec<u8> {
     let n = target.len() / width;
-    let mut out = vec![0u8; target.len()];
-    let m = mask(width);
-    let top = 8 * width as u32 - 1;
-    for (i, (t, b)) in target
-        .chunks_exact(width)
-        .zip(base.chunks_exact(width))
-        .enumerate()
-    {
-        let e = match transform {
-            Transform::Xor => load(t) ^ load(b),
-            Transform::Sub => {
-                let d = load(t).wrapping_sub(load(b)) & m;
-                let neg = if d >> top == 1 { m } else { 0 };
-                ((d << 1) & m) ^ neg
+    let pairs = target.chunks_exact(width).zip(base.chunks_exact(width));
+    if transform == Transform::Sparse {
+        let (mut values, mut gaps, mut count, mut last) = (Vec::new(), Vec::new(), 0u64, 0);
+        for (i, (t, b)) in pairs.enumerate() {
+            let z = zigzag(load(t).wrapping_sub(load(b)), width);
+            if z != 0 {
+                values.extend_from_slice(&z.to_le_bytes()[..width]);
+                put_varint(&mut gaps, (i - last) as u64);
+                last = i + 1;
+                count += 1;
             }
+        }
+        let mut out = Vec::new();
+        put_varint(&mut out, count);
+        out.extend_from_slice(&values);
+        out.extend_from_slice(&gaps);
+        return out;
+    }
+    let mut out = vec![0u8; target.len()];
+    let mut order = Order::new(base, width, transform.grouped());
+    for (i, (t, b)) in pairs.enumerate() {
+        let (t, b) = (load(t), load(b));
+        let e = match transform {
+            Transform::Xor { .. } => t ^ b,
+            _ => zigzag(t.wrapping_sub(b), width),
         };
+        let at = order.pos(i, b, width);
         for p in 0..width {
-            out[p * n + i] = (e >> (8 * p)) as u8;
+            out[p * n + at] = (e >> (8 * p)) as u8;
         }
     }
     out
 }
 
-/// Inverse of [`forward`]: appends the target bytes to `out`.
-fn inverse(transform: Transform, width: usize, base: &[u8], stored: &[u8], out: &mut Vec<u8>) {
-    let n = stored.len() / width;
+/// Inverse of [`forward`]: appends the `base.len()` target bytes to `out`. `stored` is
+/// untrusted (its length was only checked for dense transforms).
+fn inverse(
+    transform: Transform,
+    width: usize,
+    base: &[u8],
+    stored: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let n = base.len() / width;
     let m = mask(width);
-    for (i, b) in base.chunks_exact(width).enumerate() {
-        let e = (0..width).fold(0u64, |v, p| v | u64::from(stored[p * n + i]) << (8 * p));
-        let t = match transform {
-            Transform::Xor => e ^ load(b),
-            Transform::Sub => {
-                let d = (e >> 1) ^ if e & 1 == 1 { m } else { 0 };
-                load(b).wrapping_add(d) & m
+    if transform == Transform::Sparse {
+        const BAD: DeltaError = DeltaError::Corrupt("malformed sparse difference");
+        let mut r = Reader::new(stored);
+        let count = r.varint().ok_or(BAD)?;
+        if count > n as u64 {
+            return Err(BAD);
+        }
+        let values = r.bytes(count * width as u64).ok_or(BAD)?;
+        let mut values = values.chunks_exact(width);
+        let mut next = |from: usize| -> Result<Option<(usize, u64)>> {
+            let Some(v) = values.next() else {
+                return Ok(None);
+            };
+            let gap = usize::try_from(r.varint().ok_or(BAD)?).map_err(|_| BAD)?;
+            match from.checked_add(gap) {
+                Some(at) if at < n => Ok(Some((at, load(v)))),
+                _ => Err(BAD),
             }
+        };
+        let mut pending = next(0)?;
+        for (i, b) in base.chunks_exact(width).enumerate() {
+            let z = match pending {
+                Some((at, z)) if at == i => {
+                    pending = next(i + 1)?;
+                    z
+                }
+                _ => 0,
+            };
+            let t = load(b).wrapping_add(unzigzag(z, width)) & m;
+            out.extend_from_slice(&t.to_le_bytes()[..width]);
+        }
+        if pending.is_some() || !r.is_empty() {
+            return Err(BAD);
+        }
+        return Ok(());
+    }
+    let mut order = Order::new(base, width, transform.grouped());
+    for (i, b) in base.chunks_exact(width).enumerate() {
+        let b = load(b);
+        let at = order.pos(i, b, width);
+        let e = (0..width).fold(0u64, |v, p| v | u64::from(stored[p * n + at]) << (8 * p));
+        let t = match transform {
+            Transform::Xor { .. } => e ^ b,
+            _ => b.wrapping_add(unzigzag(e, width)) & m,
         };
         out.extend_from_slice(&t.to_le_bytes()[..width]);
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -451,12 +619,25 @@ mod tests {
     fn transforms_invert_for_every_width() {
         let base: Vec<u8> = (0..64u32).map(|i| (i * 37 + 11) as u8).collect();
         let target: Vec<u8> = (0..64u32).map(|i| (i * 91 + 200) as u8).collect();
-        for transform in [Transform::Xor, Transform::Sub] {
+        let mut sparse_target = base.clone();
+        sparse_target[17] ^= 0x40;
+        sparse_target[63] = 0;
+        for (transform, target) in [
+            (Transform::Xor { grouped: false }, &target),
+            (Transform::Xor { grouped: true }, &target),
+            (Transform::Sub { grouped: false }, &target),
+            (Transform::Sub { grouped: true }, &target),
+            (Transform::Sparse, &target),
+            (Transform::Sparse, &sparse_target),
+        ] {
             for width in [1, 2, 4, 8] {
-                let stored = forward(transform, width, &base, &target);
+                if transform.grouped() && width == 1 {
+                    continue;
+                }
+                let stored = forward(transform, width, &base, target);
                 let mut back = Vec::new();
-                inverse(transform, width, &base, &stored, &mut back);
-                assert_eq!(back, target, "{transform:?} width {width}");
+                inverse(transform, width, &base, &stored, &mut back).unwrap();
+                assert_eq!(&back, target, "{transform:?} width {width}");
             }
         }
     }
