@@ -6,10 +6,13 @@
 //!   initializer named like the node's output, computed as ONNX specifies:
 //!   `y = float(x - zero_point) * scale`.
 //! - Every activation `QuantizeLinear -> DequantizeLinear` pair (per-tensor, constant scale
-//!   and zero point) is replaced by `Clip` to the range the pair saturates to,
-//!   `[(qmin - zp) * scale, (qmax - zp) * scale]`: the rounding goes, the saturation stays.
-//!   It matters: ORT's quantizer drops a `Relu` in front of a u8 `QuantizeLinear` with zero
-//!   point 0, leaving the clamp to the quantization.
+//!   and zero point) goes; the rounding goes with it. The pair also saturates to
+//!   `[(qmin - zp) * scale, (qmax - zp) * scale]`. When that range starts at 0 the
+//!   saturation is kept as a `Relu`: ORT's quantizer drops a `Relu` in front of a u8
+//!   `QuantizeLinear` with zero point 0 and leaves the clamp to the quantization. When 0
+//!   lies inside the range, saturation only happens outside the calibrated range and is
+//!   dropped (consumers read the float activation: no extra op, so tract fuses as in the
+//!   float model). Graph outputs and other ranges keep an exact `Clip`.
 //! - Nodes and initializers nothing reads any more are dropped.
 //!
 //! The result computes the float model the quantizer simulated, without activation
@@ -115,6 +118,7 @@ pub fn dequantize(model: &ModelProto) -> Result<(ModelProto, DequantStats), Stri
 
 enum Replace {
     Nothing,
+    /// The next node of the replacement list takes this node's place.
     Clip,
 }
 
@@ -145,6 +149,8 @@ fn rewrite_graph(graph: &mut GraphProto, opset: i64) -> Result<DequantStats, Str
     let mut new_inits = Vec::new();
     let mut drop_nodes = HashMap::new();
     let mut clips = Vec::new();
+    let mut renames: HashMap<String, String> = HashMap::new();
+    let graph_outputs: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
 
     for (ix, node) in graph.node.iter().enumerate() {
         if node.op_type != "DequantizeLinear" || !node.domain.is_empty() && node.domain != "ai.onnx"
@@ -187,8 +193,16 @@ fn rewrite_graph(graph: &mut GraphProto, opset: i64) -> Result<DequantStats, Str
             let Some((lo, hi)) = saturation_range(graph, q, &constant)? else {
                 continue;
             };
-            drop_nodes.insert(ix, Replace::Clip);
-            clips.push(clip(node, q_in, y, lo, hi, opset, &mut new_inits));
+            if lo < 0.0 && hi > 0.0 && !graph_outputs.contains(y) {
+                // Saturation only outside the calibrated range: dropped, consumers read
+                // the float activation directly. Graph outputs keep it: what the caller
+                // sees stays exactly as saturated as with onnxruntime.
+                renames.insert(y.clone(), q_in.clone());
+                drop_nodes.insert(ix, Replace::Nothing);
+            } else {
+                drop_nodes.insert(ix, Replace::Clip);
+                clips.push(saturate(node, q_in, y, lo, hi, opset, &mut new_inits));
+            }
             stats.removed_pairs += 1;
         }
     }
@@ -203,6 +217,14 @@ fn rewrite_graph(graph: &mut GraphProto, opset: i64) -> Result<DequantStats, Str
             None => Some(n),
             Some(Replace::Clip) => clips.next(),
             Some(Replace::Nothing) => None,
+        })
+        .map(|mut n| {
+            for input in &mut n.input {
+                if let Some(to) = renames.get(input) {
+                    *input = to.clone();
+                }
+            }
+            n
         })
         .collect();
     graph.initializer.extend(new_inits);
@@ -280,8 +302,9 @@ fn saturation_range(
     Ok(Some((lo.min(hi), lo.max(hi))))
 }
 
-/// `Clip(x, lo, hi) -> y`, in the form the model's opset understands.
-fn clip(
+/// `Relu(x) -> y` when the range starts at 0 (tract fuses it into the producer), else
+/// `Clip(x, lo, hi) -> y` in the form the model's opset understands.
+fn saturate(
     dq: &NodeProto,
     x: &str,
     y: &str,
@@ -291,6 +314,15 @@ fn clip(
     inits: &mut Vec<TensorProto>,
 ) -> NodeProto {
     let name = format!("{}_saturate", if dq.name.is_empty() { y } else { &dq.name });
+    if lo == 0.0 {
+        return NodeProto {
+            input: vec![x.to_string()],
+            output: vec![y.to_string()],
+            name,
+            op_type: "Relu".into(),
+            ..Default::default()
+        };
+    }
     let mut node = NodeProto {
         input: vec![x.to_string()],
         output: vec![y.to_string()],
