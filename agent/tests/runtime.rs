@@ -377,7 +377,7 @@ fn hot_swap_under_load_never_fails_a_call_and_each_result_is_old_or_new() {
     let mut swaps = 0u64;
     // Swap until each thread has seen both versions at least twice between them.
     while saw_both.load(Ordering::Acquire) < 2 * THREADS && swaps < 5_000_000 {
-        let next = if swaps % 2 == 0 { &new } else { &old };
+        let next = if swaps.is_multiple_of(2) { &new } else { &old };
         runtime.activate_arc(next.clone());
         swaps += 1;
         std::thread::yield_now();
