@@ -165,11 +165,8 @@ fn dequantized_path_is_chosen_when_faster_and_reason_says_so() {
 fn rejects_quantized_softmax_naming_the_failing_golden_vector() {
     let rel = release("negative/quantized_softmax.release.json");
     let bytes = read("negative/quantized_softmax.onnx");
-    let as_shipped_only = GateOptions {
-        try_dequantized: false,
-        ..GateOptions::default()
-    };
-    let err = gate::validate(&bytes, &rel, &as_shipped_only).unwrap_err();
+    // Default gate: the dequantized variant would pass, but the signed graph fails.
+    let err = gate::validate(&bytes, &rel, &GateOptions::default()).unwrap_err();
     let GateError::GoldenMismatch {
         vector,
         ref output,
@@ -194,14 +191,13 @@ fn rejects_quantized_softmax_naming_the_failing_golden_vector() {
 }
 
 #[test]
-fn quantized_softmax_runs_dequantized_and_the_reason_names_the_as_shipped_failure() {
+fn quantized_softmax_can_be_repaired_by_dequantizing_when_opted_in() {
     let rel = release("negative/quantized_softmax.release.json");
-    let v = gate::validate(
-        &read("negative/quantized_softmax.onnx"),
-        &rel,
-        &GateOptions::default(),
-    )
-    .unwrap();
+    let repair = GateOptions {
+        repair_with_dequantized: true,
+        ..GateOptions::default()
+    };
+    let v = gate::validate(&read("negative/quantized_softmax.onnx"), &rel, &repair).unwrap();
     assert_eq!(v.model.exec_path(), ExecPath::Dequantized);
     assert!(
         v.report.reason.contains("as-shipped fails (golden vector"),
