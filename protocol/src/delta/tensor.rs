@@ -6,7 +6,11 @@
 //! 1. ops (no prefix): `varint count`, then ops covering the target in order:
 //!    `0 len` literal bytes from section 2; `1 base_off len` a copy of a base range;
 //!    `2 base_off len transform width stored_len` the next `stored_len` bytes of
-//!    section 3, inverse transformed against `base[base_off..][..len]`.
+//!    section 3, inverse transformed against `base[base_off..][..len]`;
+//!    `3 base_off base_len len transform width stored_len rank base_dims target_dims`
+//!    the same against a base tensor of another shape (same rank), laid out in the
+//!    target's shape: elements inside both shapes come from the base, the rest are 0
+//!    (a widened layer keeps its old rows and columns aligned).
 //! 2. literals, compressed with the base as reference prefix.
 //! 3. transformed tensor differences.
 //!
@@ -28,6 +32,9 @@ use std::collections::HashMap;
 const OP_LITERAL: u8 = 0;
 const OP_COPY: u8 = 1;
 const OP_DELTA: u8 = 2;
+const OP_RESHAPED: u8 = 3;
+/// Highest tensor rank a reshaped difference may declare.
+const MAX_RANK: usize = 8;
 
 /// Hard cap on the decoded ops section.
 const MAX_OPS_BYTES: u64 = 64 << 20;
@@ -85,7 +92,63 @@ enum Op {
         transform: Transform,
         width: usize,
         stored: usize,
+        reshape: Option<Box<Reshape>>,
     },
+}
+
+/// Shapes of a difference whose base tensor has another shape than the target.
+struct Reshape {
+    base_len: usize,
+    base_dims: Vec<usize>,
+    target_dims: Vec<usize>,
+}
+
+impl Reshape {
+    /// `None` unless both shapes have the same rank (1..=MAX_RANK) and describe exactly
+    /// `base_len` and `len` bytes of `width`-byte elements.
+    fn checked(
+        base_dims: Vec<usize>,
+        target_dims: Vec<usize>,
+        width: usize,
+        base_len: usize,
+        len: usize,
+    ) -> Option<Self> {
+        let bytes = |dims: &[usize]| dims.iter().try_fold(width, |acc, &d| acc.checked_mul(d));
+        let ok = (1..=MAX_RANK).contains(&base_dims.len())
+            && base_dims.len() == target_dims.len()
+            && bytes(&base_dims) == Some(base_len)
+            && bytes(&target_dims) == Some(len);
+        ok.then_some(Reshape {
+            base_len,
+            base_dims,
+            target_dims,
+        })
+    }
+
+    /// The base tensor laid out in the target's shape (zeros outside the base's shape).
+    fn align(&self, base: &[u8], width: usize) -> Vec<u8> {
+        let (b, t) = (&self.base_dims, &self.target_dims);
+        let rank = t.len();
+        let (blast, tlast) = (b[rank - 1] * width, t[rank - 1] * width);
+        let copy = blast.min(tlast);
+        let rows: usize = t[..rank - 1].iter().product();
+        let mut out = vec![0u8; rows * tlast];
+        let mut idx = vec![0usize; rank - 1];
+        for row in 0..rows {
+            if idx.iter().zip(b).all(|(i, d)| i < d) {
+                let brow = idx.iter().zip(b).fold(0, |acc, (i, d)| acc * d + i);
+                out[row * tlast..][..copy].copy_from_slice(&base[brow * blast..][..copy]);
+            }
+            for d in (0..rank - 1).rev() {
+                idx[d] += 1;
+                if idx[d] < t[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+        out
+    }
 }
 
 /// Appends the tensor-codec payload for `base` -> `target` to `out`.
@@ -109,15 +172,35 @@ pub(crate) fn encode(base: &[u8], target: &[u8], level: i32, out: &mut Vec<u8>) 
         let key = (t.name, *n);
         *n += 1;
         let Some(b) = by_key.get(&key) else { continue };
-        if t.data.start < cursor
-            || t.data.len() < MIN_TENSOR_LEN
-            || b.width != t.width
-            || b.data.len() != t.data.len()
-        {
+        if t.data.start < cursor || t.data.len() < MIN_TENSOR_LEN || b.width != t.width {
             continue;
         }
         let (tb, bb) = (&target[t.data.clone()], &base[b.data.clone()]);
-        let op = if tb == bb {
+        let reshape = if bb.len() == tb.len() {
+            None
+        } else {
+            let dims = |d: &[u64]| {
+                d.iter()
+                    .map(|&x| usize::try_from(x).ok())
+                    .collect::<Option<Vec<_>>>()
+            };
+            let (Some(bd), Some(td)) = (dims(&b.dims), dims(&t.dims)) else {
+                continue;
+            };
+            match Reshape::checked(bd, td, t.width, bb.len(), tb.len()) {
+                Some(r) => Some(Box::new(r)),
+                None => continue,
+            }
+        };
+        let aligned;
+        let bb = match &reshape {
+            Some(r) => {
+                aligned = r.align(bb, t.width);
+                &aligned[..]
+            }
+            None => bb,
+        };
+        let op = if tb == bb && reshape.is_none() {
             Op::Copy {
                 off: b.data.start,
                 len: tb.len(),
@@ -132,6 +215,7 @@ pub(crate) fn encode(base: &[u8], target: &[u8], level: i32, out: &mut Vec<u8>) 
                         transform,
                         width: t.width,
                         stored: bytes.len(),
+                        reshape,
                     }
                 }
                 None => continue,
@@ -152,15 +236,15 @@ pub(crate) fn encode(base: &[u8], target: &[u8], level: i32, out: &mut Vec<u8>) 
     let mut op_bytes = Vec::new();
     put_varint(&mut op_bytes, ops.len() as u64);
     for op in &ops {
-        match *op {
+        match op {
             Op::Literal(len) => {
                 op_bytes.push(OP_LITERAL);
-                put_varint(&mut op_bytes, len as u64);
+                put_varint(&mut op_bytes, *len as u64);
             }
             Op::Copy { off, len } => {
                 op_bytes.push(OP_COPY);
-                put_varint(&mut op_bytes, off as u64);
-                put_varint(&mut op_bytes, len as u64);
+                put_varint(&mut op_bytes, *off as u64);
+                put_varint(&mut op_bytes, *len as u64);
             }
             Op::Delta {
                 off,
@@ -168,13 +252,27 @@ pub(crate) fn encode(base: &[u8], target: &[u8], level: i32, out: &mut Vec<u8>) 
                 transform,
                 width,
                 stored,
+                reshape,
             } => {
-                op_bytes.push(OP_DELTA);
-                put_varint(&mut op_bytes, off as u64);
-                put_varint(&mut op_bytes, len as u64);
+                op_bytes.push(if reshape.is_some() {
+                    OP_RESHAPED
+                } else {
+                    OP_DELTA
+                });
+                put_varint(&mut op_bytes, *off as u64);
+                if let Some(r) = reshape {
+                    put_varint(&mut op_bytes, r.base_len as u64);
+                }
+                put_varint(&mut op_bytes, *len as u64);
                 op_bytes.push(transform.id());
-                op_bytes.push(width as u8);
-                put_varint(&mut op_bytes, stored as u64);
+                op_bytes.push(*width as u8);
+                put_varint(&mut op_bytes, *stored as u64);
+                if let Some(r) = reshape {
+                    op_bytes.push(r.base_dims.len() as u8);
+                    for &d in r.base_dims.iter().chain(&r.target_dims) {
+                        put_varint(&mut op_bytes, d as u64);
+                    }
+                }
             }
         }
     }
@@ -306,14 +404,17 @@ pub(crate) fn decode(base: &[u8], payload: &[u8], target_len: usize) -> Result<V
                 width,
                 stored,
                 len,
+                reshape,
             } => {
-                inverse(
-                    transform,
-                    width,
-                    &base[off..off + len],
-                    &diffs[dp..dp + stored],
-                    &mut out,
-                )?;
+                let aligned;
+                let b = match reshape {
+                    Some(r) => {
+                        aligned = r.align(&base[off..off + r.base_len], width);
+                        &aligned[..]
+                    }
+                    None => &base[off..off + len],
+                };
+                inverse(transform, width, b, &diffs[dp..dp + stored], &mut out)?;
                 dp += stored;
             }
         }
@@ -361,8 +462,18 @@ fn parse_ops(
                     let (off, len) = base_range(&mut r)?;
                     Op::Copy { off, len }
                 }
-                OP_DELTA => {
-                    let (off, len) = base_range(&mut r)?;
+                tag @ (OP_DELTA | OP_RESHAPED) => {
+                    let off = usize_of(r.varint().ok_or(BAD)?)?;
+                    let read_len = usize_of(if tag == OP_RESHAPED {
+                        r.varint().ok_or(BAD)?
+                    } else {
+                        0
+                    })?;
+                    let len = usize_of(r.varint().ok_or(BAD)?)?;
+                    let base_read = if tag == OP_RESHAPED { read_len } else { len };
+                    if off.checked_add(base_read).is_none_or(|end| end > base_len) {
+                        return Err(DeltaError::Corrupt("op reads past the end of the base"));
+                    }
                     let transform = Transform::from_id(r.u8().ok_or(BAD)?)
                         .ok_or(DeltaError::Corrupt("unknown transform"))?;
                     let width = usize::from(r.u8().ok_or(BAD)?);
@@ -381,18 +492,35 @@ fn parse_ops(
                     dp = dp.checked_add(stored).filter(|&n| n <= diff_len).ok_or(
                         DeltaError::Corrupt("delta ops exceed the difference section"),
                     )?;
+                    let reshape = if tag == OP_RESHAPED {
+                        let rank = usize::from(r.u8().ok_or(BAD)?);
+                        if rank == 0 || rank > MAX_RANK {
+                            return Err(DeltaError::Corrupt("bad tensor rank"));
+                        }
+                        let mut dims = Vec::with_capacity(2 * rank);
+                        for _ in 0..2 * rank {
+                            dims.push(usize_of(r.varint().ok_or(BAD)?)?);
+                        }
+                        let target_dims = dims.split_off(rank);
+                        let shape = Reshape::checked(dims, target_dims, width, read_len, len)
+                            .ok_or(DeltaError::Corrupt("shapes do not match lengths"))?;
+                        Some(Box::new(shape))
+                    } else {
+                        None
+                    };
                     Op::Delta {
                         off,
                         len,
                         transform,
                         width,
                         stored,
+                        reshape,
                     }
                 }
                 _ => return Err(DeltaError::Corrupt("unknown op")),
             };
-        let len = match op {
-            Op::Literal(len) | Op::Copy { len, .. } | Op::Delta { len, .. } => len,
+        let len = match &op {
+            Op::Literal(len) | Op::Copy { len, .. } | Op::Delta { len, .. } => *len,
         };
         if len == 0 {
             return Err(DeltaError::Corrupt("empty op"));
@@ -682,6 +810,73 @@ mod tests {
         let d = encode(&base, &target, Codec::Tensor, 19).unwrap();
         assert!(d.len() < 400, "delta is {} bytes", d.len());
         assert_eq!(apply(&base, &d, u64::MAX).unwrap(), target);
+    }
+
+    fn matrix(name: &str, rows: usize, cols: usize, values: &[f32]) -> Vec<u8> {
+        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut g = Vec::new();
+        field(
+            &mut g,
+            5,
+            &tensor_proto(name, &[rows as u64, cols as u64], 1, &raw),
+        );
+        let mut m = Vec::new();
+        field(&mut m, 7, &g);
+        m
+    }
+
+    #[test]
+    fn widened_layer_is_diffed_against_aligned_base() {
+        let (rows, cols, wide) = (64, 100, 130);
+        let w = weights(11, rows * cols);
+        let noise = weights(12, rows * wide);
+        let mut widened = Vec::new();
+        for r in 0..rows {
+            for c in 0..wide {
+                let e = noise[r * wide + c];
+                widened.push(if c < cols {
+                    w[r * cols + c] + e * 1e-5
+                } else {
+                    e
+                });
+            }
+        }
+        let base = matrix("fc", rows, cols, &w);
+        let target = matrix("fc", rows, wide, &widened);
+        let tensor = encode(&base, &target, Codec::Tensor, 19).unwrap();
+        let zref = encode(&base, &target, Codec::ZstdRef, 19).unwrap();
+        assert_eq!(apply(&base, &tensor, u64::MAX).unwrap(), target);
+        // old columns cost ~2 bytes per element instead of ~4
+        assert!(
+            tensor.len() * 10 < zref.len() * 8,
+            "tensor {} vs zstd-ref {}",
+            tensor.len(),
+            zref.len()
+        );
+    }
+
+    #[test]
+    fn aligns_every_rank_like_indexing() {
+        let width = 2;
+        let (bd, td) = (vec![2, 3, 2], vec![3, 2, 3]);
+        let base: Vec<u8> = (0..12u16).flat_map(|v| v.to_le_bytes()).collect();
+        let r = Reshape::checked(bd.clone(), td.clone(), width, base.len(), 18 * width).unwrap();
+        let out = r.align(&base, width);
+        for i in 0..3 {
+            for j in 0..2 {
+                for k in 0..3 {
+                    let at = ((i * 2 + j) * 3 + k) * width;
+                    let got = u16::from_le_bytes([out[at], out[at + 1]]);
+                    let want = if i < 2 && j < 3 && k < 2 {
+                        ((i * 3 + j) * 2 + k) as u16
+                    } else {
+                        0
+                    };
+                    assert_eq!(got, want, "at {i},{j},{k}");
+                }
+            }
+        }
+        assert!(Reshape::checked(bd, td, width, base.len(), 17 * width).is_none());
     }
 
     fn tensor_delta() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
