@@ -3,7 +3,10 @@
 mod common;
 
 use common::*;
-use outpost_protocol::tuf::{Envelope, Error, MetaFile, RoleKeys, TargetInfo};
+use outpost_protocol::tuf::{
+    Delegations, Envelope, Error, MetaFile, RoleKeys, SuccinctRoles, TargetInfo, Targets,
+};
+use std::collections::BTreeMap;
 
 // --- arbitrary software installation -------------------------------------------------
 
@@ -74,23 +77,40 @@ fn rejects_metadata_signed_below_threshold() {
 }
 
 #[test]
-fn counts_duplicate_signatures_by_one_key_once() {
+fn rejects_duplicate_signatures_by_one_key() {
     let mut repo = Repo::new();
     repo.root.add_key("targets", key(40).public_key()).unwrap();
     repo.root.roles.get_mut("targets").unwrap().threshold = 2;
     repo.root.version = 2;
     repo.publish_root();
     repo.bump_all();
-    // Two copies of key 4's signature: still one key.
+    // Two copies of key 4's signature: still one key, and a malformed document.
     let mut env = Envelope::from_bytes("targets", &repo.files["2.targets.json"], 1 << 20).unwrap();
     let dup = env.signatures[0].clone();
     env.signatures.push(dup);
     repo.files.insert("2.targets.json".into(), env.to_bytes());
     let err = Client::new(&repo).refresh(&repo, now()).unwrap_err();
-    assert!(
-        matches!(err, Error::ThresholdNotMet { valid: 1, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, Error::DuplicateSignature { .. }), "{err}");
+}
+
+#[test]
+fn rejects_duplicate_signature_even_when_threshold_is_met() {
+    // tuf-conformance test_duplicate_sig_keyids: threshold 1, the one valid signature
+    // appears twice. python-tuf refuses such metadata; so do we.
+    let mut repo = Repo::new();
+    let mut client = Client::new(&repo);
+    client.refresh(&repo, now()).unwrap();
+    repo.snapshot.version += 1;
+    repo.timestamp.version += 1;
+    repo.publish_snapshot_and_timestamp();
+    let mut env =
+        Envelope::from_bytes("snapshot", &repo.files["2.snapshot.json"], 1 << 20).unwrap();
+    let dup = env.signatures[0].clone();
+    env.signatures.push(dup);
+    repo.files.insert("2.snapshot.json".into(), env.to_bytes());
+    let err = client.refresh(&repo, now()).unwrap_err();
+    assert!(matches!(err, Error::DuplicateSignature { .. }), "{err}");
+    assert_eq!(client.version_of("snapshot"), 1);
 }
 
 // --- rollback attacks -----------------------------------------------------------------
@@ -580,9 +600,11 @@ fn delegation_search_visits_at_most_max_delegations() {
     repo.add_delegated_target("d4", "deep", b"deep");
     repo.publish();
     let mut client = Client::new(&repo);
-    client.config.max_delegations = 5;
+    // Five delegated roles below the top-level targets: python-tuf's max_delegations
+    // counts delegated roles only.
+    client.config.max_delegations = 4;
     assert!(client.lookup(&repo, now(), "deep").unwrap().is_none());
-    client.config.max_delegations = 6;
+    client.config.max_delegations = 5;
     assert_eq!(
         client.lookup(&repo, now(), "deep").unwrap().unwrap().role,
         "d4"
@@ -647,4 +669,88 @@ fn rejects_root_with_zero_threshold() {
     repo.publish_root();
     let err = Client::new(&repo).refresh(&repo, now()).unwrap_err();
     assert!(matches!(err, Error::Invalid { .. }), "{err}");
+}
+
+// --- succinct hash-bin delegations (TAP 15) ----------------------------------------------
+
+/// Top-level targets delegating to `2^bit_length` hash bins `bin-..`, all signed by
+/// `bin_key`, each published (empty) and listed in the snapshot.
+fn succinct_repo(bit_length: u32, bin_key: u8) -> (Repo, SuccinctRoles) {
+    let mut repo = Repo::new();
+    let signer = key(bin_key);
+    let succinct = SuccinctRoles::new(vec![signer.key_id().into()], 1, bit_length, "bin").unwrap();
+    let keys = BTreeMap::from([(signer.key_id().to_owned(), signer.public_key().clone())]);
+    repo.targets.delegations = Some(Delegations::with_succinct_roles(keys, &succinct));
+    for bin in succinct.roles() {
+        repo.delegated
+            .insert(bin, (Targets::new(far()), vec![signer.clone()]));
+    }
+    repo.publish();
+    (repo, succinct)
+}
+
+#[test]
+fn finds_target_in_its_succinct_hash_bin_fetching_only_that_bin() {
+    let (mut repo, succinct) = succinct_repo(4, 90);
+    let bin = succinct.role_for_target("models/binned.onnx");
+    repo.add_delegated_target(&bin, "models/binned.onnx", b"binned");
+    repo.bump_all();
+    let mut client = Client::new(&repo);
+    let mut updater = client.updater(&repo, now()).unwrap();
+    let info = updater
+        .get_target_info("models/binned.onnx")
+        .unwrap()
+        .unwrap();
+    assert_eq!(info.role, bin);
+    let (remote, _) = updater.into_parts();
+    let bins: Vec<&String> = remote
+        .fetched
+        .iter()
+        .filter(|f| f.contains("bin-"))
+        .collect();
+    assert_eq!(bins, vec![&format!("1.{bin}.json")]);
+    assert!(client.store.files.contains_key(&bin));
+}
+
+#[test]
+fn target_listed_in_another_hash_bin_is_not_found() {
+    let (mut repo, succinct) = succinct_repo(2, 90);
+    let right = succinct.role_for_target("models/binned.onnx");
+    let wrong = succinct.roles().find(|b| *b != right).unwrap();
+    repo.add_delegated_target(&wrong, "models/binned.onnx", b"binned");
+    repo.bump_all();
+    let mut client = Client::new(&repo);
+    assert!(
+        client
+            .lookup(&repo, now(), "models/binned.onnx")
+            .unwrap()
+            .is_none()
+    );
+    // Succinct delegations are terminating: nothing else is searched after the bin.
+    assert!(!client.store.files.contains_key(&wrong));
+}
+
+#[test]
+fn rejects_hash_bin_signed_by_key_outside_succinct_roles() {
+    let (mut repo, succinct) = succinct_repo(1, 90);
+    let bin = succinct.role_for_target("models/binned.onnx");
+    repo.add_delegated_target(&bin, "models/binned.onnx", b"binned");
+    repo.delegated.get_mut(&bin).unwrap().1 = vec![key(91)];
+    repo.bump_all();
+    let err = Client::new(&repo)
+        .lookup(&repo, now(), "models/binned.onnx")
+        .unwrap_err();
+    assert!(matches!(err, Error::ThresholdNotMet { .. }), "{err}");
+}
+
+#[test]
+fn rejects_hash_bin_missing_from_snapshot() {
+    let (mut repo, succinct) = succinct_repo(1, 90);
+    let bin = succinct.role_for_target("models/binned.onnx");
+    repo.delegated.remove(&bin);
+    repo.bump_all();
+    let err = Client::new(&repo)
+        .lookup(&repo, now(), "models/binned.onnx")
+        .unwrap_err();
+    assert!(matches!(err, Error::MissingMeta { .. }), "{err}");
 }

@@ -5,7 +5,12 @@
 //! |---|---|---|---|
 //! | `ed25519` | `ed25519` | 32 bytes, hex | 64 bytes, hex |
 //! | `ecdsa` or `ecdsa-sha2-nistp256` | `ecdsa-sha2-nistp256` | PEM SubjectPublicKeyInfo (or SEC1 hex) | DER (or 64-byte r‖s), hex |
-//! | `rsa` | `rsassa-pss-sha256` | PEM SubjectPublicKeyInfo | hex |
+//! | `rsa` | `rsassa-pss-sha{224,256,384,512}` | PEM SubjectPublicKeyInfo | hex |
+//! | `rsa` | `rsa-pkcs1v15-sha{224,256,384,512}` | PEM SubjectPublicKeyInfo | hex |
+//!
+//! These are the schemes securesystemslib's `CryptoSigner` signs with (and the TUF
+//! conformance suite's repository simulator uses), except `ecdsa-sha2-nistp384`, which
+//! neither the suite nor Outpost's tooling produces.
 //!
 //! Only Ed25519 can sign here; the others verify only. RSA-PSS signatures are accepted
 //! with salt length equal to the digest length (securesystemslib's signers) or the maximum
@@ -27,7 +32,8 @@ use super::canonical::{CanonicalError, to_canonical_json};
 pub struct Key {
     /// Key type: `ed25519`, `ecdsa`, `ecdsa-sha2-nistp256` or `rsa`.
     pub keytype: String,
-    /// Signature scheme: `ed25519`, `ecdsa-sha2-nistp256` or `rsassa-pss-sha256`.
+    /// Signature scheme: `ed25519`, `ecdsa-sha2-nistp256`, `rsassa-pss-sha256` (or -sha224,
+    /// -sha384, -sha512) or `rsa-pkcs1v15-sha256` (or -sha224, -sha384, -sha512).
     pub scheme: String,
     /// Key material.
     pub keyval: KeyVal,
@@ -111,7 +117,14 @@ impl Key {
         match (self.keytype.as_str(), self.scheme.as_str()) {
             ("ed25519", "ed25519") => self.verify_ed25519(msg, &sig),
             ("ecdsa" | "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp256") => self.verify_p256(msg, &sig),
-            ("rsa", "rsassa-pss-sha256") => self.verify_rsa_pss(msg, &sig),
+            ("rsa", "rsassa-pss-sha224") => self.verify_rsa_pss::<sha2::Sha224>(msg, &sig),
+            ("rsa", "rsassa-pss-sha256") => self.verify_rsa_pss::<Sha256>(msg, &sig),
+            ("rsa", "rsassa-pss-sha384") => self.verify_rsa_pss::<sha2::Sha384>(msg, &sig),
+            ("rsa", "rsassa-pss-sha512") => self.verify_rsa_pss::<sha2::Sha512>(msg, &sig),
+            ("rsa", "rsa-pkcs1v15-sha224") => self.verify_rsa_pkcs1v15::<sha2::Sha224>(msg, &sig),
+            ("rsa", "rsa-pkcs1v15-sha256") => self.verify_rsa_pkcs1v15::<Sha256>(msg, &sig),
+            ("rsa", "rsa-pkcs1v15-sha384") => self.verify_rsa_pkcs1v15::<sha2::Sha384>(msg, &sig),
+            ("rsa", "rsa-pkcs1v15-sha512") => self.verify_rsa_pkcs1v15::<sha2::Sha512>(msg, &sig),
             (keytype, scheme) => Err(KeyError::Unsupported {
                 keytype: keytype.into(),
                 scheme: scheme.into(),
@@ -155,22 +168,44 @@ impl Key {
         key.verify(msg, &sig).map_err(|_| KeyError::BadSignature)
     }
 
-    fn verify_rsa_pss(&self, msg: &[u8], sig: &[u8]) -> Result<(), KeyError> {
+    fn rsa_public_key(&self) -> Result<rsa::RsaPublicKey, KeyError> {
         use rsa::pkcs8::DecodePublicKey as _;
+        rsa::RsaPublicKey::from_public_key_pem(self.keyval.public.trim())
+            .map_err(|e| self.malformed(e))
+    }
+
+    fn verify_rsa_pss<D>(&self, msg: &[u8], sig: &[u8]) -> Result<(), KeyError>
+    where
+        D: Digest
+            + rsa::signature::digest::DynDigest
+            + rsa::signature::digest::FixedOutputReset
+            + Send
+            + Sync
+            + 'static,
+    {
         use rsa::traits::PublicKeyParts as _;
-        let key = rsa::RsaPublicKey::from_public_key_pem(self.keyval.public.trim())
-            .map_err(|e| self.malformed(e))?;
-        let hashed = Sha256::digest(msg);
-        let digest_len = 32;
+        let key = self.rsa_public_key()?;
+        let hashed = D::digest(msg);
+        let digest_len = <D as Digest>::output_size();
         let em_len = (key.n().bits() + 6) / 8;
         let max_salt = em_len.saturating_sub(digest_len + 2);
         for salt in [digest_len, max_salt] {
-            let scheme = rsa::pss::Pss::new_with_salt::<Sha256>(salt);
+            let scheme = rsa::pss::Pss::new_with_salt::<D>(salt);
             if key.verify(scheme, &hashed, sig).is_ok() {
                 return Ok(());
             }
         }
         Err(KeyError::BadSignature)
+    }
+
+    fn verify_rsa_pkcs1v15<D>(&self, msg: &[u8], sig: &[u8]) -> Result<(), KeyError>
+    where
+        D: Digest + rsa::pkcs8::AssociatedOid,
+    {
+        let key = self.rsa_public_key()?;
+        let hashed = D::digest(msg);
+        key.verify(rsa::Pkcs1v15Sign::new::<D>(), &hashed, sig)
+            .map_err(|_| KeyError::BadSignature)
     }
 }
 
@@ -345,5 +380,78 @@ mod tests {
             key.verify(RSA_MSG, RSA_SIG_SALT20),
             Err(KeyError::BadSignature)
         );
+    }
+
+    /// `testdata/rsa_schemes.json`, made by `testdata/make_rsa_fixtures.sh` (openssl).
+    fn rsa_scheme_fixture() -> (String, Vec<u8>, BTreeMap<String, String>) {
+        let v: Value = serde_json::from_str(include_str!("testdata/rsa_schemes.json")).unwrap();
+        let sigs = v["signatures"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+            .collect();
+        (
+            v["public"].as_str().unwrap().to_owned(),
+            v["message"].as_str().unwrap().as_bytes().to_vec(),
+            sigs,
+        )
+    }
+
+    #[test]
+    fn verifies_every_rsa_scheme_securesystemslib_signs_with() {
+        let (pem, msg, sigs) = rsa_scheme_fixture();
+        assert_eq!(sigs.len(), 8);
+        for (scheme, sig) in &sigs {
+            let key = Key {
+                scheme: scheme.clone(),
+                keyval: KeyVal {
+                    public: pem.clone(),
+                    extra: BTreeMap::new(),
+                },
+                ..rsa_key()
+            };
+            key.verify(&msg, sig)
+                .unwrap_or_else(|e| panic!("{scheme}: {e}"));
+            assert_eq!(
+                key.verify(b"tampered", sig),
+                Err(KeyError::BadSignature),
+                "{scheme}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_rsa_signature_made_with_another_scheme_or_digest() {
+        let (pem, msg, sigs) = rsa_scheme_fixture();
+        for (claimed, made_with) in [
+            ("rsa-pkcs1v15-sha256", "rsassa-pss-sha256"),
+            ("rsassa-pss-sha256", "rsa-pkcs1v15-sha256"),
+            ("rsa-pkcs1v15-sha256", "rsa-pkcs1v15-sha512"),
+            ("rsassa-pss-sha512", "rsassa-pss-sha384"),
+        ] {
+            let key = Key {
+                scheme: claimed.into(),
+                keyval: KeyVal {
+                    public: pem.clone(),
+                    extra: BTreeMap::new(),
+                },
+                ..rsa_key()
+            };
+            assert_eq!(
+                key.verify(&msg, &sigs[made_with]),
+                Err(KeyError::BadSignature),
+                "{claimed} accepted a {made_with} signature"
+            );
+        }
+        let key = Key {
+            keytype: "ecdsa".into(),
+            scheme: "rsa-pkcs1v15-sha256".into(),
+            ..rsa_key()
+        };
+        assert!(matches!(
+            key.verify(&msg, &sigs["rsa-pkcs1v15-sha256"]),
+            Err(KeyError::Unsupported { .. })
+        ));
     }
 }

@@ -645,44 +645,228 @@ impl Targets {
             }
         }
         if let Some(d) = &self.delegations {
-            let mut names = BTreeSet::new();
-            for role in &d.roles {
-                if TOP_LEVEL_ROLES.contains(&role.name.as_str()) {
-                    return Err(Error::Invalid {
-                        what: "delegations".into(),
-                        reason: format!("delegated role named {:?}", role.name),
-                    });
-                }
-                if !names.insert(role.name.as_str()) {
-                    return Err(Error::Invalid {
-                        what: "delegations".into(),
-                        reason: format!("role {:?} delegated twice", role.name),
-                    });
-                }
-                check_role_keys(&role.name, &role.keyids, role.threshold)?;
-                if role.paths.is_some() == role.path_hash_prefixes.is_some() {
-                    return Err(Error::Invalid {
-                        what: role.name.clone(),
-                        reason: "exactly one of paths and path_hash_prefixes must be set".into(),
-                    });
-                }
-            }
+            d.check()?;
         }
         Ok(())
     }
 }
 
-/// Delegations of a targets role.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Delegations of a targets role: either an ordered list of `roles`, or TAP 15
+/// `succinct_roles` (hash bins), which is kept in `extra` under its JSON name so that the
+/// struct keeps its shape; read it with [`Delegations::succinct_roles`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Delegations {
     /// Key id → key, for the delegated roles.
     pub keys: BTreeMap<String, Key>,
     /// Delegated roles, in order of priority.
     #[serde(default)]
     pub roles: Vec<DelegatedRole>,
-    /// Unknown fields (e.g. TAP 15 `succinct_roles`, not supported), kept verbatim.
+    /// Unknown fields, and TAP 15 `succinct_roles`, kept verbatim.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
+}
+
+/// JSON name of the TAP 15 field in `delegations`.
+const SUCCINCT_ROLES: &str = "succinct_roles";
+
+impl Serialize for Delegations {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        // TUF allows exactly one of `roles` and `succinct_roles`: an empty `roles` list is
+        // left out when the delegation is succinct.
+        let succinct = self.extra.contains_key(SUCCINCT_ROLES);
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("keys", &self.keys)?;
+        if !(succinct && self.roles.is_empty()) {
+            map.serialize_entry("roles", &self.roles)?;
+        }
+        for (k, v) in &self.extra {
+            if k != "keys" && k != "roles" {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.end()
+    }
+}
+
+impl Delegations {
+    /// A succinct (hash-bin) delegation to `succinct`'s bins, whose keys are in `keys`.
+    pub fn with_succinct_roles(keys: BTreeMap<String, Key>, succinct: &SuccinctRoles) -> Self {
+        let value = serde_json::to_value(succinct).unwrap_or(Value::Null);
+        Delegations {
+            keys,
+            roles: Vec::new(),
+            extra: BTreeMap::from([(SUCCINCT_ROLES.to_owned(), value)]),
+        }
+    }
+
+    /// The TAP 15 `succinct_roles`, if this delegation has them. Fails when the field is
+    /// present but malformed (parsed metadata never has that: it is checked on parse).
+    pub fn succinct_roles(&self) -> Result<Option<SuccinctRoles>> {
+        let Some(value) = self.extra.get(SUCCINCT_ROLES) else {
+            return Ok(None);
+        };
+        let succinct: SuccinctRoles =
+            serde_json::from_value(value.clone()).map_err(|e| Error::Parse {
+                what: SUCCINCT_ROLES.into(),
+                reason: e.to_string(),
+            })?;
+        succinct.check()?;
+        Ok(Some(succinct))
+    }
+
+    /// The delegated roles trusted for `target_path`, in search order, each with whether
+    /// it is terminating (python-tuf's `get_roles_for_target`). A succinct delegation
+    /// yields the one bin the path hashes to, as terminating (TAP 15).
+    pub fn roles_for_target(&self, target_path: &str) -> Result<Vec<(String, bool)>> {
+        if let Some(succinct) = self.succinct_roles()? {
+            return Ok(vec![(succinct.role_for_target(target_path), true)]);
+        }
+        Ok(self
+            .roles
+            .iter()
+            .filter(|r| r.is_delegated_path(target_path))
+            .map(|r| (r.name.clone(), r.terminating))
+            .collect())
+    }
+
+    /// Key ids and threshold that must sign delegated role `name`, if this delegation
+    /// delegates it (as a listed role or as one of the succinct bins).
+    pub fn role_keys(&self, name: &str) -> Result<Option<(Vec<String>, u64)>> {
+        if let Some(r) = self.roles.iter().find(|r| r.name == name) {
+            return Ok(Some((r.keyids.clone(), r.threshold)));
+        }
+        Ok(self
+            .succinct_roles()?
+            .filter(|s| s.is_delegated_role(name))
+            .map(|s| (s.keyids, s.threshold)))
+    }
+
+    fn check(&self) -> Result<()> {
+        let mut names = BTreeSet::new();
+        for role in &self.roles {
+            if role.name.is_empty() || TOP_LEVEL_ROLES.contains(&role.name.as_str()) {
+                return Err(Error::Invalid {
+                    what: "delegations".into(),
+                    reason: format!("delegated role named {:?}", role.name),
+                });
+            }
+            if !names.insert(role.name.as_str()) {
+                return Err(Error::Invalid {
+                    what: "delegations".into(),
+                    reason: format!("role {:?} delegated twice", role.name),
+                });
+            }
+            check_role_keys(&role.name, &role.keyids, role.threshold)?;
+            if role.paths.is_some() == role.path_hash_prefixes.is_some() {
+                return Err(Error::Invalid {
+                    what: role.name.clone(),
+                    reason: "exactly one of paths and path_hash_prefixes must be set".into(),
+                });
+            }
+        }
+        if self.succinct_roles()?.is_some() && !self.roles.is_empty() {
+            return Err(Error::Invalid {
+                what: "delegations".into(),
+                reason: "both roles and succinct_roles are set".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// TAP 15 succinct hash-bin delegation: `2^bit_length` bins named
+/// `{name_prefix}-{bin:0W$x}` (W = hex digits of the last bin number), all signed by the
+/// same keys; a target belongs to the bin given by the first `bit_length` bits of
+/// SHA-256(target path). As python-tuf's `SuccinctRoles`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuccinctRoles {
+    /// Keys allowed to sign every bin.
+    pub keyids: Vec<String>,
+    /// Distinct keys required per bin.
+    pub threshold: u64,
+    /// Number of leading hash bits that select a bin, 1 to 32.
+    pub bit_length: u32,
+    /// Bin name prefix.
+    pub name_prefix: String,
+    /// Unknown fields, kept verbatim.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+impl SuccinctRoles {
+    /// Bins `{name_prefix}-..` selected by `bit_length` hash bits (1 to 32).
+    pub fn new(
+        keyids: Vec<String>,
+        threshold: u64,
+        bit_length: u32,
+        name_prefix: &str,
+    ) -> Result<Self> {
+        let s = SuccinctRoles {
+            keyids,
+            threshold,
+            bit_length,
+            name_prefix: name_prefix.to_owned(),
+            extra: BTreeMap::new(),
+        };
+        s.check()?;
+        Ok(s)
+    }
+
+    fn check(&self) -> Result<()> {
+        if !(1..=32).contains(&self.bit_length) {
+            return Err(Error::Invalid {
+                what: SUCCINCT_ROLES.into(),
+                reason: format!("bit_length {} is not between 1 and 32", self.bit_length),
+            });
+        }
+        check_role_keys(SUCCINCT_ROLES, &self.keyids, self.threshold)
+    }
+
+    /// Number of bins, `2^bit_length`.
+    pub fn number_of_bins(&self) -> u64 {
+        1u64 << self.bit_length.clamp(1, 32)
+    }
+
+    /// Hex digits of a bin suffix: those of the last bin number.
+    fn suffix_len(&self) -> usize {
+        format!("{:x}", self.number_of_bins() - 1).len()
+    }
+
+    fn bin_name(&self, bin: u64) -> String {
+        format!(
+            "{}-{:0width$x}",
+            self.name_prefix,
+            bin,
+            width = self.suffix_len()
+        )
+    }
+
+    /// The bin delegated `target_path`.
+    pub fn role_for_target(&self, target_path: &str) -> String {
+        let digest = Sha256::digest(target_path.as_bytes());
+        let first = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+        let shift = 32 - self.bit_length.clamp(1, 32);
+        self.bin_name(u64::from(first >> shift))
+    }
+
+    /// Every bin name, in bin order.
+    pub fn roles(&self) -> impl Iterator<Item = String> + '_ {
+        (0..self.number_of_bins()).map(|bin| self.bin_name(bin))
+    }
+
+    /// Whether `name` is one of the bins.
+    pub fn is_delegated_role(&self, name: &str) -> bool {
+        let Some(suffix) = name
+            .strip_prefix(self.name_prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('-'))
+        else {
+            return false;
+        };
+        suffix.len() == self.suffix_len()
+            && suffix.bytes().all(|b| b.is_ascii_hexdigit())
+            && u64::from_str_radix(suffix, 16).is_ok_and(|bin| bin < self.number_of_bins())
+    }
 }
 
 /// A delegated targets role.
@@ -907,5 +1091,74 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    fn succinct(bit_length: u32) -> SuccinctRoles {
+        SuccinctRoles::new(vec!["k".into()], 1, bit_length, "bin").unwrap()
+    }
+
+    #[test]
+    fn succinct_bins_match_the_conformance_suite_expectations() {
+        // (bit_length, target path, bin) from tuf-conformance's succinct roles graph test.
+        for (bits, path, bin) in [
+            (1, "boo", "bin-0"),
+            (1, "too", "bin-1"),
+            (2, "foo", "bin-0"),
+            (2, "doo", "bin-1"),
+            (2, "too", "bin-2"),
+            (2, "bar", "bin-3"),
+            (8, "bar", "bin-fc"),
+        ] {
+            assert_eq!(succinct(bits).role_for_target(path), bin, "{bits} {path}");
+        }
+    }
+
+    #[test]
+    fn succinct_bin_names_are_zero_padded_hex() {
+        let s = succinct(5);
+        let bins: Vec<String> = s.roles().collect();
+        assert_eq!(bins.len(), 32);
+        assert_eq!((bins[0].as_str(), bins[31].as_str()), ("bin-00", "bin-1f"));
+        assert!(s.is_delegated_role("bin-1f"));
+        assert!(!s.is_delegated_role("bin-20"));
+        assert!(!s.is_delegated_role("bin-1"));
+        assert!(!s.is_delegated_role("bin-0x"));
+        assert!(!s.is_delegated_role("other-00"));
+        let s = succinct(9);
+        assert_eq!(s.roles().last().unwrap(), "bin-1ff");
+        assert_eq!(succinct(32).number_of_bins(), 1 << 32);
+        assert!(succinct(32).role_for_target("x").len() == "bin-".len() + 8);
+    }
+
+    #[test]
+    fn rejects_succinct_roles_with_bad_bit_length_or_beside_roles() {
+        assert!(SuccinctRoles::new(vec!["k".into()], 1, 0, "bin").is_err());
+        assert!(SuccinctRoles::new(vec!["k".into()], 1, 33, "bin").is_err());
+        assert!(SuccinctRoles::new(vec!["k".into()], 0, 4, "bin").is_err());
+        let base = r#"{"signed":{"_type":"targets","spec_version":"1.0.31","version":1,
+            "expires":"2030-01-01T00:00:00Z","targets":{},"delegations":DELEG},
+            "signatures":[]}"#;
+        let parse = |deleg: &str| {
+            let json = base.replace("DELEG", deleg);
+            Envelope::from_bytes("targets", json.as_bytes(), 1 << 20)?.parse_signed::<Targets>()
+        };
+        let ok = parse(
+            r#"{"keys":{},"succinct_roles":{"keyids":["k"],"threshold":1,"bit_length":3,"name_prefix":"b"}}"#,
+        )
+        .unwrap();
+        let d = ok.delegations.unwrap();
+        assert_eq!(d.succinct_roles().unwrap().unwrap().bit_length, 3);
+        assert_eq!(d.role_keys("b-7").unwrap(), Some((vec!["k".to_owned()], 1)));
+        assert_eq!(d.role_keys("b-8").unwrap(), None);
+        // Serializing keeps the shape TUF allows: no empty `roles` beside succinct_roles.
+        assert!(serde_json::to_value(&d).unwrap().get("roles").is_none());
+        for bad in [
+            r#"{"keys":{},"succinct_roles":{"keyids":["k"],"threshold":1,"bit_length":40,"name_prefix":"b"}}"#,
+            r#"{"keys":{},"succinct_roles":{"keyids":["k"],"threshold":1,"name_prefix":"b"}}"#,
+            r#"{"keys":{},"roles":[{"name":"r","keyids":[],"threshold":1,"paths":["*"]}],"succinct_roles":{"keyids":["k"],"threshold":1,"bit_length":3,"name_prefix":"b"}}"#,
+            r#"{"keys":{},"roles":[{"name":"","keyids":[],"threshold":1,"paths":["*"]}]}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 }

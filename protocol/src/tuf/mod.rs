@@ -38,7 +38,7 @@ pub use canonical::{CanonicalError, to_canonical_json};
 pub use keys::{Key, KeyError, KeyVal, SigningKey};
 pub use metadata::{
     DelegatedRole, Delegations, Envelope, Hashes, MetaFile, RoleKeys, RoleMetadata, Root,
-    Signature, Snapshot, TargetFile, Targets, Timestamp,
+    Signature, Snapshot, SuccinctRoles, TargetFile, Targets, Timestamp,
 };
 pub use target::{TargetHasher, TargetInfo};
 pub use time::{TimeError, UtcTime};
@@ -107,6 +107,15 @@ pub enum Error {
         threshold: u64,
         /// Found.
         valid: u64,
+    },
+    /// Two signatures carry the same key id (TUF 4: key ids MUST be unique in
+    /// `signatures`), whether or not the threshold would be met without the copy.
+    #[error("{role}: more than one signature by key id {keyid}")]
+    DuplicateSignature {
+        /// Role being verified.
+        role: String,
+        /// The repeated key id.
+        keyid: String,
     },
     /// The delegating metadata does not know this role.
     #[error("role {role:?} is not delegated by {delegator:?}")]

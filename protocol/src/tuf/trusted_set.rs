@@ -340,15 +340,12 @@ impl TrustedSet {
                     delegator: delegator.into(),
                 };
                 let delegations = parent.delegations.as_ref().ok_or_else(unknown)?;
-                let r = delegations
-                    .roles
-                    .iter()
-                    .find(|r| r.name == role)
-                    .ok_or_else(unknown)?;
+                // A listed role, or one of the delegator's succinct hash bins (TAP 15).
+                let (keyids, threshold) = delegations.role_keys(role)?.ok_or_else(unknown)?;
                 verify_threshold(
                     role,
-                    &r.keyids,
-                    r.threshold,
+                    &keyids,
+                    threshold,
                     &delegations.keys,
                     &msg,
                     &env.signatures,

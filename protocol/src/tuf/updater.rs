@@ -78,7 +78,8 @@ pub struct UpdaterConfig {
     pub limits: Limits,
     /// Most root versions fetched in one refresh.
     pub max_root_rotations: u64,
-    /// Most targets roles visited in one target lookup.
+    /// Most delegated targets roles visited in one target lookup (the top-level
+    /// `targets` is not counted), as python-tuf's `max_delegations`.
     pub max_delegations: usize,
 }
 
@@ -297,17 +298,18 @@ impl<R: Remote, S: MetadataStore> Updater<R, S> {
 
     /// Finds `target_path` in the targets delegation tree (TUF 5.6.7), refreshing first
     /// if [`Updater::refresh`] has not run. Preorder depth-first search in delegation
-    /// order: a role's own targets win over its delegations, a terminating delegation
-    /// stops backtracking, each role is visited once (cycles), and at most
-    /// `max_delegations` roles are visited. `Ok(None)`: no trusted role lists the path.
+    /// order, as python-tuf's `_preorder_depth_first_walk`: a role's own targets win over
+    /// its delegations, a terminating delegation stops backtracking, each role is visited
+    /// once (cycles), succinct hash-bin delegations (TAP 15) lead to the one bin the path
+    /// hashes to, and at most `max_delegations` delegated roles (besides the top-level
+    /// `targets`) are visited. `Ok(None)`: no trusted role lists the path.
     pub fn get_target_info(&mut self, target_path: &str) -> Result<Option<Verified<TargetInfo>>> {
         if !self.refreshed {
             self.refresh()?;
         }
         let mut to_visit: Vec<(String, String)> = vec![("targets".into(), "root".into())];
         let mut visited: BTreeSet<String> = BTreeSet::new();
-        let mut budget = self.config.max_delegations;
-        while budget > 0 {
+        while visited.len() <= self.config.max_delegations {
             let Some((role, delegator)) = to_visit.pop() else {
                 break;
             };
@@ -326,17 +328,14 @@ impl<R: Remote, S: MetadataStore> Updater<R, S> {
                     role,
                 })));
             }
-            budget -= 1;
             let mut children = Vec::new();
             if let Some(delegations) = &targets.delegations {
-                for child in &delegations.roles {
-                    if child.is_delegated_path(target_path) {
-                        children.push((child.name.clone(), role.clone()));
-                        // 5.6.7.2.1: a terminating delegation ends the search here.
-                        if child.terminating {
-                            to_visit.clear();
-                            break;
-                        }
+                for (child, terminating) in delegations.roles_for_target(target_path)? {
+                    children.push((child, role.clone()));
+                    // 5.6.7.2.1: a terminating delegation ends the search here.
+                    if terminating {
+                        to_visit.clear();
+                        break;
                     }
                 }
             }

@@ -44,9 +44,10 @@ impl<T> AsRef<T> for Verified<T> {
 
 /// Checks that at least `threshold` distinct authorized keys signed `msg`.
 ///
-/// Signatures by key ids not in `keyids`, or not in `keys`, are ignored; a key id counts
-/// once however many signatures carry it, and two key ids with the same key material
-/// count once. Malformed or unsupported keys simply do not count.
+/// Two signatures with the same key id reject the document outright (python-tuf refuses
+/// to parse it). Signatures by key ids not in `keyids`, or not in `keys`, are ignored,
+/// and two key ids with the same key material count once. Malformed or unsupported keys,
+/// and signatures that do not verify, simply do not count.
 pub(crate) fn verify_threshold(
     role: &str,
     keyids: &[String],
@@ -55,17 +56,24 @@ pub(crate) fn verify_threshold(
     msg: &[u8],
     signatures: &[Signature],
 ) -> Result<()> {
-    let mut counted_ids: BTreeSet<&str> = BTreeSet::new();
+    let mut seen_ids: BTreeSet<&str> = BTreeSet::new();
+    for sig in signatures {
+        if !seen_ids.insert(sig.keyid.as_str()) {
+            return Err(Error::DuplicateSignature {
+                role: role.into(),
+                keyid: sig.keyid.chars().take(128).collect(),
+            });
+        }
+    }
     let mut counted_material: BTreeSet<(&str, &str)> = BTreeSet::new();
     for sig in signatures {
-        if counted_ids.contains(sig.keyid.as_str()) || !keyids.contains(&sig.keyid) {
+        if !keyids.contains(&sig.keyid) {
             continue;
         }
         let Some(key) = keys.get(&sig.keyid) else {
             continue;
         };
         if key.verify(msg, &sig.sig).is_ok() {
-            counted_ids.insert(&sig.keyid);
             counted_material.insert((key.keytype.as_str(), key.keyval.public.as_str()));
         }
     }
@@ -104,13 +112,21 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_signatures_by_one_key_count_once() {
+    fn rejects_duplicate_signature_key_ids_even_above_threshold() {
         let (ks, keys, ids) = setup(2);
         let sigs = vec![sig(&ks[0], b"m"), sig(&ks[0], b"m")];
-        let err = verify_threshold("r", &ids, 2, &keys, b"m", &sigs).unwrap_err();
-        assert!(matches!(err, Error::ThresholdNotMet { valid: 1, .. }));
+        let err = verify_threshold("r", &ids, 1, &keys, b"m", &sigs).unwrap_err();
+        assert!(matches!(err, Error::DuplicateSignature { .. }), "{err}");
         let sigs = vec![sig(&ks[0], b"m"), sig(&ks[1], b"m")];
         verify_threshold("r", &ids, 2, &keys, b"m", &sigs).unwrap();
+    }
+
+    #[test]
+    fn invalid_extra_signature_does_not_spoil_a_met_threshold() {
+        let (ks, keys, ids) = setup(2);
+        let mut bad = sig(&ks[1], b"m");
+        bad.sig = String::new();
+        verify_threshold("r", &ids, 1, &keys, b"m", &[sig(&ks[0], b"m"), bad]).unwrap();
     }
 
     #[test]
