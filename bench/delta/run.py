@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -47,9 +48,12 @@ def main():
             out = lambda tool: os.path.join(tmp, f"{name}.{tool}")
             r = {"pair": name, "target": size(target)}
 
+            t0 = time.monotonic()
             line = run(ours_bin, "encode", "--base", base, "--target", target, "--out", out("ours"))
+            t1 = time.monotonic()
             fields = dict(kv.split("=") for kv in line.split())
             run(ours_bin, "apply", "--base", base, "--delta", out("ours"), "--out", out("back"))
+            r["encode_s"], r["apply_s"] = t1 - t0, time.monotonic() - t1
             with open(target, "rb") as a, open(out("back"), "rb") as b:
                 assert a.read() == b.read(), f"{name}: round trip differs"
             for codec in ["zstd-ref", "tensor"]:
@@ -78,7 +82,12 @@ def main():
             f"{r['ours'] / best_other:.2f} |"
         )
     print()
-    print("Per codec (bytes): " + "; ".join(f"{r['pair']}: zstd-ref {r['zstd-ref']:,}, tensor {r['tensor']:,}" for r in rows))
+    print("Per codec (bytes), and wall time of our best-of encode (all codecs + full) and apply:")
+    for r in rows:
+        print(
+            f"- {r['pair']}: zstd-ref {r['zstd-ref']:,}, tensor {r['tensor']:,}; "
+            f"encode {r['encode_s']:.1f} s, apply {r['apply_s']:.2f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,10 @@ const MAX_OPS_BYTES: u64 = 64 << 20;
 /// Tensors smaller than this stay in the literal section: an op would cost more than
 /// the reference-prefix match that covers them there.
 const MIN_TENSOR_LEN: usize = 64;
-/// zstd level for choosing a transform per tensor (cheap; only relative sizes matter).
+/// Transforms of tensors up to this size are compared at the encoding level; larger ones
+/// at [`PROBE_LEVEL`], which is fast but sometimes ranks them differently.
+const EXACT_PROBE_LEN: usize = 1 << 20;
+/// zstd level for comparing transforms of large tensors.
 const PROBE_LEVEL: i32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +52,7 @@ enum Transform {
     Xor { grouped: bool },
     Sub { grouped: bool },
     Sparse,
+    Split { grouped: bool },
 }
 
 const GROUPED: u8 = 0x80;
@@ -59,6 +63,7 @@ impl Transform {
             Transform::Xor { grouped } => 1 | if grouped { GROUPED } else { 0 },
             Transform::Sub { grouped } => 2 | if grouped { GROUPED } else { 0 },
             Transform::Sparse => 3,
+            Transform::Split { grouped } => 4 | if grouped { GROUPED } else { 0 },
         }
     }
 
@@ -68,6 +73,7 @@ impl Transform {
             1 => Some(Transform::Xor { grouped }),
             2 => Some(Transform::Sub { grouped }),
             3 if !grouped => Some(Transform::Sparse),
+            4 => Some(Transform::Split { grouped }),
             _ => None,
         }
     }
@@ -75,8 +81,15 @@ impl Transform {
     fn grouped(self) -> bool {
         matches!(
             self,
-            Transform::Xor { grouped: true } | Transform::Sub { grouped: true }
+            Transform::Xor { grouped: true }
+                | Transform::Sub { grouped: true }
+                | Transform::Split { grouped: true }
         )
+    }
+
+    /// Whether the transform stores exactly one byte per target byte.
+    fn dense(self) -> bool {
+        matches!(self, Transform::Xor { .. } | Transform::Sub { .. })
     }
 }
 
@@ -206,7 +219,12 @@ pub(crate) fn encode(base: &[u8], target: &[u8], level: i32, out: &mut Vec<u8>) 
                 len: tb.len(),
             }
         } else {
-            match best_transform(&t, bb, tb)? {
+            let probe = if tb.len() <= EXACT_PROBE_LEN {
+                level
+            } else {
+                PROBE_LEVEL.min(level)
+            };
+            match best_transform(&t, bb, tb, probe)? {
                 Some((transform, bytes)) => {
                     diffs.extend_from_slice(&bytes);
                     Op::Delta {
@@ -288,6 +306,7 @@ fn best_transform(
     t: &Tensor<'_>,
     base: &[u8],
     target: &[u8],
+    probe: i32,
 ) -> Result<Option<(Transform, Vec<u8>)>> {
     let w = t.width;
     let changed = target
@@ -305,18 +324,21 @@ fn best_transform(
         }
         candidates.push(Transform::Xor { grouped });
         candidates.push(Transform::Sub { grouped });
+        if w > 1 {
+            candidates.push(Transform::Split { grouped });
+        }
     }
     let mut best: Option<(usize, Transform, Vec<u8>)> = None;
     for transform in candidates {
         let bytes = forward(transform, w, base, target);
-        let size = zref::compress(&[], &bytes, PROBE_LEVEL)?.len();
+        let size = zref::compress(&[], &bytes, probe)?.len();
         if best.as_ref().is_none_or(|(s, _, _)| size < *s) {
             best = Some((size, transform, bytes));
         }
     }
     // In the literal section these bytes are matched against the base, so estimate them
     // with the base tensor as prefix.
-    let literal = zref::compress(base, target, PROBE_LEVEL)?.len();
+    let literal = zref::compress(base, target, probe)?.len();
     Ok(best
         .filter(|(size, _, _)| *size < literal)
         .map(|(_, transform, bytes)| (transform, bytes)))
@@ -484,9 +506,9 @@ fn parse_ops(
                         return Err(DeltaError::Corrupt("grouping needs elements of 2+ bytes"));
                     }
                     let stored = usize_of(r.varint().ok_or(BAD)?)?;
-                    // Dense transforms store exactly one byte per target byte; the sparse
-                    // one is checked while decoding, inside its `stored` bytes.
-                    if transform != Transform::Sparse && stored != len {
+                    // Dense transforms store exactly one byte per target byte; the others
+                    // are checked while decoding, inside their `stored` bytes.
+                    if transform.dense() && stored != len {
                         return Err(DeltaError::Corrupt("dense difference of the wrong length"));
                     }
                     dp = dp.checked_add(stored).filter(|&n| n <= diff_len).ok_or(
@@ -610,6 +632,68 @@ impl Order {
     }
 }
 
+/// Little-endian bit packer: the `n` low bits of each value, least significant first.
+#[derive(Default)]
+struct BitWriter {
+    out: Vec<u8>,
+    acc: u128,
+    len: u32,
+}
+
+impl BitWriter {
+    fn put(&mut self, v: u64, n: u32) {
+        self.acc |= u128::from(v & (u64::MAX >> (64 - n))) << self.len;
+        self.len += n;
+        while self.len >= 8 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.len -= 8;
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.len > 0 {
+            self.out.push(self.acc as u8);
+        }
+        self.out
+    }
+}
+
+struct BitReader<'a> {
+    bytes: &'a [u8],
+    acc: u128,
+    len: u32,
+}
+
+impl<'a> BitReader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        BitReader {
+            bytes,
+            acc: 0,
+            len: 0,
+        }
+    }
+
+    /// The next `n` (1..=63) bits, or `None` past the end.
+    fn take(&mut self, n: u32) -> Option<u64> {
+        while self.len < n {
+            let (&b, rest) = self.bytes.split_first()?;
+            self.bytes = rest;
+            self.acc |= u128::from(b) << self.len;
+            self.len += 8;
+        }
+        let v = (self.acc & ((1u128 << n) - 1)) as u64;
+        self.acc >>= n;
+        self.len -= n;
+        Some(v)
+    }
+
+    /// All bytes used and the padding bits of the last one zero.
+    fn at_end(&self) -> bool {
+        self.bytes.is_empty() && self.len < 8 && self.acc == 0
+    }
+}
+
 /// Transformed bytes of `target` against `base` (same length, a multiple of `width`).
 fn forward(transform: Transform, width: usize, base: &[u8], target: &[u8]) -> Vec<u8> {
     let n = target.len() / width;
@@ -630,6 +714,22 @@ fn forward(transform: Transform, width: usize, base: &[u8], target: &[u8]) -> Ve
         out.extend_from_slice(&values);
         out.extend_from_slice(&gaps);
         return out;
+    }
+    if let Transform::Split { grouped } = transform {
+        let mut classes = vec![0u8; n];
+        let mut bits = BitWriter::default();
+        let mut order = Order::new(base, width, grouped);
+        for (i, (t, b)) in pairs.enumerate() {
+            let b = load(b);
+            let z = zigzag(load(t).wrapping_sub(b), width);
+            let class = u64::BITS - z.leading_zeros();
+            classes[order.pos(i, b, width)] = class as u8;
+            if class > 1 {
+                bits.put(z, class - 1);
+            }
+        }
+        classes.extend_from_slice(&bits.finish());
+        return classes;
     }
     let mut out = vec![0u8; target.len()];
     let mut order = Order::new(base, width, transform.grouped());
@@ -690,6 +790,31 @@ fn inverse(
             out.extend_from_slice(&t.to_le_bytes()[..width]);
         }
         if pending.is_some() || !r.is_empty() {
+            return Err(BAD);
+        }
+        return Ok(());
+    }
+    if let Transform::Split { grouped } = transform {
+        const BAD: DeltaError = DeltaError::Corrupt("malformed split difference");
+        if stored.len() < n {
+            return Err(BAD);
+        }
+        let (classes, rest) = stored.split_at(n);
+        let mut bits = BitReader::new(rest);
+        let mut order = Order::new(base, width, grouped);
+        for (i, b) in base.chunks_exact(width).enumerate() {
+            let b = load(b);
+            let class = u32::from(classes[order.pos(i, b, width)]);
+            let z = match class {
+                0 => 0,
+                1 => 1,
+                c if c <= 8 * width as u32 => 1 << (c - 1) | bits.take(c - 1).ok_or(BAD)?,
+                _ => return Err(BAD),
+            };
+            let t = b.wrapping_add(unzigzag(z, width)) & m;
+            out.extend_from_slice(&t.to_le_bytes()[..width]);
+        }
+        if !bits.at_end() {
             return Err(BAD);
         }
         return Ok(());
@@ -757,6 +882,9 @@ mod tests {
             (Transform::Sub { grouped: true }, &target),
             (Transform::Sparse, &target),
             (Transform::Sparse, &sparse_target),
+            (Transform::Split { grouped: false }, &target),
+            (Transform::Split { grouped: true }, &target),
+            (Transform::Split { grouped: true }, &sparse_target),
         ] {
             for width in [1, 2, 4, 8] {
                 if transform.grouped() && width == 1 {
