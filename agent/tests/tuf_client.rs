@@ -335,8 +335,8 @@ mod scenarios {
     //! Repositories built here with `outpost_protocol::tuf` and ed25519 keys.
     use super::*;
     use outpost_protocol::tuf::{
-        DelegatedRole, Delegations, Envelope, MetaFile, Root, SigningKey, Snapshot, TargetFile,
-        Targets, Timestamp, UtcTime,
+        DelegatedRole, Delegations, Envelope, MetaFile, Root, SigningKey, Snapshot, SuccinctRoles,
+        TargetFile, Targets, Timestamp, UtcTime,
     };
     use std::collections::BTreeMap;
 
@@ -558,7 +558,8 @@ mod scenarios {
             });
             self.signers.insert(name.to_owned(), k);
             self.targets
-                .insert(name.to_owned(), Targets::new(self.root.expires));
+                .entry(name.to_owned())
+                .or_insert_with(|| Targets::new(self.root.expires));
         }
 
         fn root_bytes(&self, version: u64) -> Vec<u8> {
@@ -1109,5 +1110,187 @@ mod scenarios {
             repo.requests()[4..],
             ["/metadata/1.A.json", "/metadata/1.C.json"]
         );
+    }
+
+    /// Publishes every delegated role, a new top-level targets, snapshot and timestamp.
+    fn publish_delegations(repo: &mut Repo, roles: &[&str]) {
+        for role in roles {
+            repo.publish_targets(role);
+        }
+        repo.targets.get_mut("targets").unwrap().version += 1;
+        repo.publish_targets("targets");
+        repo.update_snapshot();
+    }
+
+    /// Delegates from top-level targets to `2^bit_length` succinct hash bins `bin-..`,
+    /// all signed by one key, as the suite's `add_succinct_roles`.
+    fn add_succinct_roles(repo: &mut Repo, bit_length: u32) -> SuccinctRoles {
+        let k = key(50);
+        let succinct =
+            SuccinctRoles::new(vec![k.key_id().to_owned()], 1, bit_length, "bin").unwrap();
+        let keys = BTreeMap::from([(k.key_id().to_owned(), k.public_key().clone())]);
+        repo.targets.get_mut("targets").unwrap().delegations =
+            Some(Delegations::with_succinct_roles(keys, &succinct));
+        for bin in succinct.roles() {
+            repo.signers.insert(bin.clone(), k.clone());
+            repo.targets.insert(bin, Targets::new(repo.root.expires));
+        }
+        succinct
+    }
+
+    #[test]
+    fn succinct_hash_bin_is_the_only_role_fetched_and_is_persisted() {
+        // tuf-conformance test_succinct_roles_graph_traversal, "bin amount = 256".
+        let mut repo = Repo::new(true);
+        let succinct = add_succinct_roles(&mut repo, 8);
+        let bins: Vec<String> = succinct.roles().collect();
+        for bin in &bins {
+            repo.publish_targets(bin);
+        }
+        repo.targets.get_mut("targets").unwrap().version += 1;
+        repo.publish_targets("targets");
+        repo.update_snapshot();
+        let client = client_for(&repo);
+        ok(&repo.refresh(&client), "refresh");
+        assert_eq!(client.metadata_files().len(), 4);
+        repo.clear_requests();
+        fails(
+            &repo.download(&client, &["bar"]),
+            "download of a missing target",
+        );
+        assert_eq!(repo.requests()[2..], ["/metadata/1.bin-fc.json"]);
+        assert!(client.metadata_files().contains(&"bin-fc.json".to_owned()));
+    }
+
+    #[test]
+    fn downloads_target_listed_in_its_succinct_hash_bin() {
+        let mut repo = Repo::new(true);
+        let succinct = add_succinct_roles(&mut repo, 2);
+        let bin = succinct.role_for_target("binned/file.txt");
+        repo.add_target(&bin, "binned/file.txt", b"in a hash bin");
+        let bins: Vec<String> = succinct.roles().collect();
+        let refs: Vec<&str> = bins.iter().map(String::as_str).collect();
+        publish_delegations(&mut repo, &refs);
+        let client = client_for(&repo);
+        ok(&repo.download(&client, &["binned/file.txt"]), "download");
+        assert_eq!(
+            std::fs::read(client.target_dir.join(quote("binned/file.txt", b""))).unwrap(),
+            b"in a hash bin"
+        );
+    }
+
+    #[test]
+    fn rejects_snapshot_with_duplicate_signature_key_ids() {
+        // tuf-conformance test_duplicate_sig_keyids: threshold met, but one key id signs
+        // twice. The snapshot must not be trusted.
+        let repo = Repo::new(true);
+        let name = "metadata/1.snapshot.json";
+        let mut env = Envelope::from_bytes("snapshot", &repo.read(name), 1 << 20).unwrap();
+        let dup = env.signatures[0].clone();
+        env.signatures.push(dup);
+        repo.write(name, &env.to_bytes());
+        let client = client_for(&repo);
+        fails(&repo.refresh(&client), "refresh");
+        assert!(
+            !client
+                .metadata_files()
+                .contains(&"snapshot.json".to_owned())
+        );
+    }
+
+    #[test]
+    fn roles_reached_twice_or_in_a_cycle_are_fetched_once() {
+        // tuf-conformance test_graph_traversal "two-roles-delegating-to-a-third" and
+        // "cyclic-graph".
+        let mut repo = Repo::new(true);
+        repo.delegate("targets", "A", &["*"], 40);
+        repo.delegate("targets", "B", &["*"], 41);
+        repo.delegate("B", "C", &["*"], 42);
+        repo.delegate("A", "C", &["*"], 42);
+        repo.delegate("C", "B", &["*"], 41);
+        publish_delegations(&mut repo, &["A", "B", "C"]);
+        let client = client_for(&repo);
+        fails(&repo.download(&client, &["missingpath"]), "download");
+        assert_eq!(
+            repo.requests()[4..],
+            [
+                "/metadata/1.A.json",
+                "/metadata/1.C.json",
+                "/metadata/1.B.json"
+            ]
+        );
+    }
+
+    #[test]
+    fn expired_delegated_role_is_not_trusted_and_its_target_not_downloaded() {
+        // tuf-conformance test_delegated_targets_expired.
+        let mut repo = Repo::new(true);
+        repo.delegate("targets", "delegated", &["delegatedpath/*"], 40);
+        repo.targets.get_mut("delegated").unwrap().expires = now().plus_seconds(-DAY);
+        repo.add_target("delegated", "delegatedpath/target", b"delegated content");
+        publish_delegations(&mut repo, &["delegated"]);
+        let client = client_for(&repo);
+        ok(&repo.refresh(&client), "refresh");
+        fails(
+            &repo.download(&client, &["delegatedpath/target"]),
+            "download via an expired role",
+        );
+        assert!(client.target_files().is_empty());
+        assert_eq!(
+            client.metadata_files(),
+            [
+                "root.json",
+                "snapshot.json",
+                "targets.json",
+                "timestamp.json"
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_snapshot_version_fails_after_storing_the_new_timestamp() {
+        // tuf-conformance test_snapshot_404.
+        let mut repo = Repo::new(true);
+        let client = client_for(&repo);
+        ok(&repo.refresh(&client), "refresh");
+        repo.timestamp
+            .meta
+            .insert("snapshot.json".into(), MetaFile::new(2));
+        repo.update_timestamp();
+        fails(&repo.refresh(&client), "refresh without snapshot v2");
+        assert_eq!(
+            repo.requests().last().map(String::as_str),
+            Some("/metadata/2.snapshot.json")
+        );
+        assert_eq!(client.version("timestamp"), 2);
+        assert_eq!(client.version("snapshot"), 1);
+    }
+
+    #[test]
+    fn rejects_metadata_whose_type_is_not_the_role_requested() {
+        // tuf-conformance test_incorrect_metadata_type: a snapshot signed by the
+        // timestamp key, served as timestamp.json.
+        let repo = Repo::new(true);
+        let mut fake = repo.snapshot.clone();
+        fake.version = 2;
+        fake.meta = BTreeMap::from([("snapshot.json".to_owned(), MetaFile::new(1))]);
+        let bytes = sign(&fake, &[&repo.signers["timestamp"]]);
+        repo.write("metadata/timestamp.json", &bytes);
+        let client = client_for(&repo);
+        fails(&repo.refresh(&client), "refresh");
+        assert_eq!(client.metadata_files(), ["root.json"]);
+    }
+
+    #[test]
+    fn rejects_root_whose_version_differs_from_its_file_name() {
+        // tuf-conformance test_url_and_metadata_version_mismatch[root].
+        let mut repo = Repo::new(true);
+        repo.root.version = 3;
+        let bytes = sign(&repo.root, &[&key(1)]);
+        repo.write("metadata/2.root.json", &bytes);
+        let client = client_for(&repo);
+        fails(&repo.refresh(&client), "refresh");
+        assert_eq!(client.metadata("root"), repo.root_bytes(1));
+        assert_eq!(client.metadata_files(), ["root.json"]);
     }
 }

@@ -28,8 +28,8 @@ const ROOT_MAX_LEN: u64 = 512_000;
 const TIMESTAMP_MAX_LEN: u64 = 16_384;
 const SNAPSHOT_MAX_LEN: u64 = 2_000_000;
 const TARGETS_MAX_LEN: u64 = 5_000_000;
-/// Upper bound on root versions fetched in one refresh (python-tuf's default).
-const MAX_ROOT_ROTATIONS: u64 = 32;
+/// Upper bound on root versions fetched in one refresh (python-tuf's default since 5.0).
+const MAX_ROOT_ROTATIONS: u64 = 256;
 
 #[derive(Debug, Parser)]
 #[command(
