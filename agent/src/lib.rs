@@ -1,5 +1,7 @@
 //! `outpost-agent`: what runs on every device.
 //!
+//! - [`agent`]: the [`Agent`] facade apps, the C SDK and the daemon use (install, infer,
+//!   labels, status, tick).
 //! - [`runtime`]: tract runtime; named models, hot swap, as-shipped and dequantized paths.
 //! - [`gate`]: the validation gate (golden vectors, latency and memory budgets).
 //! - [`store`]: the data directory: lock, content-addressed model blobs, active/previous
@@ -10,6 +12,7 @@
 //!
 //! Binaries: `outpost-agent` (`infer`, `bench`) and `outpost-tuf-client` (the TUF
 //! conformance client over HTTP).
+pub mod agent;
 mod db;
 pub mod gate;
 pub mod monitor;
@@ -17,3 +20,9 @@ pub mod npy;
 pub mod outbox;
 pub mod runtime;
 pub mod store;
+
+pub use agent::{
+    Agent, AgentConfig, AgentError, AgentEvent, AgentInference, EventRecord, InstallPhase,
+    InstallReport, ModelStatus, OverheadReport, ReleaseRef, RevertReport, TickReport,
+    measure_overhead,
+};
