@@ -6,6 +6,8 @@
 //! - [`release`]: model release metadata, the `custom` field of a model target.
 //! - [`director`]: director assignments (which target each model slot runs), checked
 //!   against the verified image repository.
+//! - [`wire`]: MQTT topics, the device ACL, and the messages agents and the server
+//!   exchange (pulled, resumable transfers; telemetry batches and acks).
 //! - [`tuf`]: TUF metadata, canonical JSON, keys, verification and the client workflow.
 #![deny(missing_docs)]
 
@@ -13,3 +15,4 @@ pub mod delta;
 pub mod director;
 pub mod release;
 pub mod tuf;
+pub mod wire;
