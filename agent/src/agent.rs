@@ -141,6 +141,20 @@ pub enum AgentError {
         /// Sequence offered.
         offered: u64,
     },
+    /// A new release whose model file is the one already active. The store keeps one
+    /// release per active file (re-activating a file does not replace its metadata), so a
+    /// metadata-only release is refused rather than half-applied.
+    #[error(
+        "model {model:?}: release sequence {offered} has the same model file as the active {active}"
+    )]
+    SameBytesAsActive {
+        /// Model name.
+        model: String,
+        /// Sequence of the active release.
+        active: u64,
+        /// Sequence offered.
+        offered: u64,
+    },
     /// No model of that name is loaded.
     #[error("no model {model:?} is loaded")]
     UnknownModel {
@@ -853,11 +867,21 @@ impl Agent {
                         gc_removed: 0,
                     });
                 }
-            } else if release.sequence <= active.sequence {
-                let err = AgentError::StaleRelease {
-                    model: name,
-                    active: active.sequence,
-                    offered: release.sequence,
+            } else {
+                let err = if release.sequence <= active.sequence {
+                    AgentError::StaleRelease {
+                        model: name,
+                        active: active.sequence,
+                        offered: release.sequence,
+                    }
+                } else if active.sha256 == this.sha256 {
+                    AgentError::SameBytesAsActive {
+                        model: name,
+                        active: active.sequence,
+                        offered: release.sequence,
+                    }
+                } else {
+                    return self.install_checked(bytes, &release, hash, &this, previous);
                 };
                 self.record_event(AgentEvent::InstallRejected {
                     release: this,
@@ -866,10 +890,21 @@ impl Agent {
                 return Err(err);
             }
         }
+        self.install_checked(bytes, &release, hash, &this, previous)
+    }
+
+    fn install_checked(
+        &self,
+        bytes: &[u8],
+        release: &ModelRelease,
+        hash: BlobHash,
+        this: &ReleaseRef,
+        previous: Option<ReleaseRef>,
+    ) -> Result<InstallReport> {
         self.store
             .pin(hash, "install")
             .map_err(AgentError::store("pin"))?;
-        let result = self.install_pinned(bytes, &release, hash, &this, previous);
+        let result = self.install_pinned(bytes, release, hash, this, previous);
         // The blob is referenced by the slot now (or not wanted); failures here only delay
         // cleanup to the next install.
         let _ = self.store.unpin(&hash);
