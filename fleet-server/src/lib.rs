@@ -3,9 +3,11 @@
 //! - [`demo`]: `outpost-server demo`, the trust layer end to end with real processes.
 //! - [`keys`]: operator key files (Ed25519, optionally sealed with a passphrase).
 //! - [`repo`]: the operator's image repository: init, sign and revoke releases, rotate root.
+//! - [`server`]: `outpost-server serve`: REST API, image repository, director, MQTT link.
 //! - [`static_http`]: a loopback static-file server for TUF repositories (demo, tests).
 
 pub mod demo;
 pub mod keys;
 pub mod repo;
+pub mod server;
 pub mod static_http;

@@ -1,12 +1,17 @@
 //! The `outpost-server` binary.
 //!
-//! Exit codes: 0 success; 1 failure (for `demo`: a check did not hold).
+//! Exit codes: 0 success; 1 failure (for `demo`: a check did not hold; for `serve`: it
+//! could not start or stopped on an error).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use outpost_server::demo::{DEFAULT_FIXTURES, DemoOptions, run_demo};
+use outpost_server::server::repository::OnlineExpiries;
+use outpost_server::server::{BrokerClient, BrokerLink, ServeConfig};
 
 #[derive(Parser)]
 #[command(name = "outpost-server", version, about = "The Outpost fleet server")]
@@ -17,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the fleet server: REST API, image repository, director, MQTT link.
+    Serve(ServeArgs),
     /// Run the end-to-end demo in a temporary directory: operator signs releases, a
     /// device fetches, verifies and runs a model, and attacks are refused.
     Demo {
@@ -29,9 +36,92 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Data directory (database, repository copy, artifacts, admin.token).
+    #[arg(long)]
+    data: PathBuf,
+    /// On first start: operator repository to import (its metadata/ and the three
+    /// online keys keys/{timestamp,snapshot,director}.json; root and release keys are
+    /// never read).
+    #[arg(long)]
+    import_repo: Option<PathBuf>,
+    /// HTTP listen address; the bound address is printed.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    http: SocketAddr,
+    /// MQTT broker, mqtt://host:port. Without it the server runs REST only.
+    #[arg(long)]
+    broker: Option<String>,
+    /// The server's broker username.
+    #[arg(long, default_value = "outpost-server")]
+    broker_user: String,
+    /// File holding the server's broker password (one line).
+    #[arg(long)]
+    broker_password_file: Option<PathBuf>,
+    /// Mosquitto password file to maintain (the server's user and every device).
+    /// Reload Mosquitto (SIGHUP) after devices are added or their credentials rotated.
+    #[arg(long)]
+    mosquitto_passwd_file: Option<PathBuf>,
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let broker = match &args.broker {
+        Some(url) => {
+            let (host, port) = BrokerClient::parse_url(url)?;
+            let pw_file = args
+                .broker_password_file
+                .as_ref()
+                .context("--broker needs --broker-password-file")?;
+            let password = std::fs::read_to_string(pw_file)
+                .with_context(|| format!("reading {}", pw_file.display()))?
+                .trim()
+                .to_owned();
+            BrokerLink::External(BrokerClient {
+                host,
+                port,
+                client_id: args.broker_user.clone(),
+                username: args.broker_user.clone(),
+                password,
+            })
+        }
+        None => BrokerLink::None,
+    };
+    let cfg = ServeConfig {
+        data_dir: args.data,
+        import_repo: args.import_repo,
+        http: args.http,
+        broker,
+        mosquitto_passwd_file: args.mosquitto_passwd_file,
+        expiries: OnlineExpiries::default(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let server = outpost_server::server::start(cfg).await?;
+        println!("outpost-server: http://{}", server.http_addr);
+        if let Some(p) = &server.admin_token_file {
+            println!("outpost-server: admin token written to {}", p.display());
+        }
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for ctrl-c")?;
+        server.shutdown().await;
+        anyhow::Ok(())
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(args) => match serve(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("outpost-server serve: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Demo { fixtures, keep } => {
             let opts = DemoOptions {
                 fixtures,
