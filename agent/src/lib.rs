@@ -15,11 +15,13 @@
 pub mod agent;
 mod db;
 pub mod gate;
+pub mod link;
 pub mod monitor;
 pub mod npy;
 pub mod outbox;
 pub mod runtime;
 pub mod store;
+pub mod update;
 
 pub use agent::{
     Agent, AgentConfig, AgentError, AgentEvent, AgentInference, EventRecord, InstallPhase,

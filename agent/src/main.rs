@@ -6,6 +6,11 @@
 //! - `bench --model FILE.onnx --input NAME=FILE.npy [--iterations N]`: cold start and
 //!   latency percentiles of each execution path, JSON on stdout.
 //!
+//! - `run --config DIR/agent.toml`: the daemon (MQTT link, updates, telemetry upload)
+//!   until SIGTERM or ctrl-c; exit 0 after a clean shutdown.
+//! - `status --config DIR/agent.toml`: the persisted update state as JSON (reads the data
+//!   directory without its lock, so it works while the daemon runs).
+//!
 //! A release file `FILE.release.json` beside `FILE.onnx` is used when `--release` is not
 //! given: the model then passes the validation gate (golden vectors, budgets) first.
 //!
@@ -39,6 +44,28 @@ enum Command {
     Infer(InferArgs),
     /// Measure cold start and latency of a model on one input.
     Bench(BenchArgs),
+    /// Run the agent daemon: connect to the fleet, apply updates, upload telemetry.
+    Run(RunArgs),
+    /// Print the persisted update state as JSON.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The device bundle's agent.toml.
+    #[arg(long)]
+    config: PathBuf,
+    /// Chunk length to request, in bytes (for slow links and tests).
+    #[arg(long, default_value_t = outpost_protocol::wire::CHUNK_LEN,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(outpost_protocol::wire::CHUNK_LEN)))]
+    chunk_len: u32,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The device bundle's agent.toml.
+    #[arg(long)]
+    config: PathBuf,
 }
 
 #[derive(Args)]
@@ -74,6 +101,9 @@ fn main() {
     let result = match cli.command {
         Command::Infer(args) => infer(args),
         Command::Bench(args) => bench(args),
+        Command::Run(args) => run(args),
+        Command::Status(args) => outpost_agent::update::daemon::status_json(&args.config)
+            .and_then(|v| Ok(serde_json::to_string_pretty(&v)?)),
     };
     match result {
         Ok(json) => println!("{json}"),
@@ -83,6 +113,36 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        outpost_agent::update::daemon::run(
+            outpost_agent::update::daemon::RunOptions {
+                config: args.config,
+                chunk_len: args.chunk_len,
+            },
+            shutdown,
+        )
+        .await
+    })?;
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    Ok(r#"{"stopped":true}"#.into())
 }
 
 /// Everything both subcommands read from the command line.
