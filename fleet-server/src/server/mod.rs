@@ -6,6 +6,7 @@
 //! - [`api`]: the REST API (`/api/v1`, axum) with operator bearer tokens.
 //! - [`mqtt`]: the MQTT link: the server is a client of a broker (external Mosquitto
 //!   today; an embedded broker plugs in behind [`BrokerLink`]).
+//! - [`client`]: a blocking client of the REST API (`outpostctl`, tests).
 //! - [`db`], [`repository`], [`artifacts`], [`director`], [`auth`]: storage, the image
 //!   repository, content-addressed artifacts, assignment signing and credentials.
 //!
@@ -15,6 +16,7 @@
 pub mod api;
 pub mod artifacts;
 pub mod auth;
+pub mod client;
 pub mod db;
 pub mod director;
 pub mod mqtt;
