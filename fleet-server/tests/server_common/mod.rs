@@ -282,6 +282,7 @@ pub struct Device {
     pub id: String,
     pub client: AsyncClient,
     events: mpsc::Receiver<DevEvent>,
+    backlog: std::cell::RefCell<std::collections::VecDeque<DevEvent>>,
 }
 
 impl Device {
@@ -318,20 +319,28 @@ impl Device {
             id: id.into(),
             client,
             events,
+            backlog: Default::default(),
         }
     }
 
-    /// The next event matching `f`, skipping others; panics after [`WAIT`].
-    pub fn wait<T>(&self, what: &str, mut f: impl FnMut(DevEvent) -> Option<T>) -> T {
+    /// The first event matching `f`, oldest first; events it does not match stay
+    /// queued for later waits. Panics after [`WAIT`].
+    pub fn wait<T>(&self, what: &str, mut f: impl FnMut(&DevEvent) -> Option<T>) -> T {
+        let mut backlog = self.backlog.borrow_mut();
+        for i in 0..backlog.len() {
+            if let Some(t) = f(&backlog[i]) {
+                backlog.remove(i);
+                return t;
+            }
+        }
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.events.recv_timeout(left) {
-                Ok(ev) => {
-                    if let Some(t) = f(ev) {
-                        return t;
-                    }
-                }
+                Ok(ev) => match f(&ev) {
+                    Some(t) => return t,
+                    None => backlog.push_back(ev),
+                },
                 Err(e) => panic!("{}: no {what}: {e}", self.id),
             }
         }
@@ -353,7 +362,7 @@ impl Device {
         rt.block_on(self.client.subscribe(topic, QoS::AtLeastOnce))
             .unwrap();
         self.wait("suback", |e| match e {
-            DevEvent::SubAck(s) => Some(s),
+            DevEvent::SubAck(s) => Some(s.clone()),
             _ => None,
         })
     }
@@ -366,7 +375,7 @@ impl Device {
     /// The next message on `topic`.
     pub fn message(&self, topic: &str) -> rumqttc::Publish {
         self.wait(topic, |e| match e {
-            DevEvent::Publish(p) if p.topic == topic => Some(p),
+            DevEvent::Publish(p) if p.topic == topic => Some(p.clone()),
             _ => None,
         })
     }
