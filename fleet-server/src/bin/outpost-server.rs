@@ -100,10 +100,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         let server = outpost_server::server::start(cfg).await?;
-        println!("outpost-server: http://{}", server.http_addr);
+        // The first line is the bound address (scripts read it); a closed stdout must
+        // not stop the server.
+        use std::io::Write as _;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "outpost-server: http://{}", server.http_addr);
         if let Some(p) = &server.admin_token_file {
-            println!("outpost-server: admin token written to {}", p.display());
+            let _ = writeln!(
+                out,
+                "outpost-server: admin token written to {}",
+                p.display()
+            );
         }
+        let _ = out.flush();
         tokio::signal::ctrl_c()
             .await
             .context("waiting for ctrl-c")?;

@@ -12,6 +12,7 @@ use outpost_protocol::release::ModelRelease;
 use outpost_protocol::tuf::time::UtcTime;
 use outpost_server::keys::SealCost;
 use outpost_server::repo::{Expiries, InitOptions, Repo, RootRotation};
+use outpost_server::server::client::{ApiClient, push_release};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +36,95 @@ enum Command {
     /// Root metadata: rotate keys, change thresholds.
     #[command(subcommand)]
     Root(RootCmd),
+    /// Devices on the fleet server: provision, bundle, list.
+    #[command(subcommand)]
+    Devices(DevicesCmd),
+    /// Assign a release to devices (by id and/or tag) on the fleet server.
+    Assign {
+        #[command(flatten)]
+        server: ServerArg,
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: String,
+        /// Device id. Repeatable.
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        /// Devices carrying this tag (k=v). Repeatable: all must match.
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+    },
+}
+
+#[derive(Args)]
+struct ServerArg {
+    /// Fleet server URL (default: $OUTPOST_SERVER).
+    #[arg(long)]
+    server: Option<String>,
+    /// API token (default: $OUTPOST_TOKEN).
+    #[arg(long)]
+    token: Option<String>,
+}
+
+impl ServerArg {
+    fn client(&self) -> anyhow::Result<ApiClient> {
+        let from = |flag: &Option<String>, var: &str| {
+            flag.clone()
+                .or_else(|| std::env::var(var).ok().filter(|v| !v.is_empty()))
+                .with_context(|| {
+                    format!(
+                        "pass --{} or set {var}",
+                        var.trim_start_matches("OUTPOST_").to_lowercase()
+                    )
+                })
+        };
+        Ok(ApiClient::new(
+            &from(&self.server, "OUTPOST_SERVER")?,
+            &from(&self.token, "OUTPOST_TOKEN")?,
+        ))
+    }
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("tag {s:?} must be key=value"))
+}
+
+#[derive(Subcommand)]
+enum DevicesCmd {
+    /// Create a device and its broker credentials.
+    Add {
+        #[command(flatten)]
+        server: ServerArg,
+        #[arg(long)]
+        id: String,
+        /// Tag (k=v). Repeatable.
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+    },
+    /// Write a device bundle: agent.toml, credentials (0600, a new password), root.json.
+    Bundle {
+        #[command(flatten)]
+        server: ServerArg,
+        #[arg(long)]
+        id: String,
+        /// Output directory (created; existing bundle files are replaced).
+        #[arg(long)]
+        out: PathBuf,
+        /// Broker URL the device connects to.
+        #[arg(long, default_value = "mqtt://localhost:1883")]
+        broker_url: String,
+        /// The agent's data directory on the device.
+        #[arg(long)]
+        data_dir: Option<String>,
+    },
+    /// List devices and their state.
+    List {
+        #[command(flatten)]
+        server: ServerArg,
+    },
 }
 
 #[derive(Subcommand)]
@@ -100,6 +190,17 @@ enum ReleaseCmd {
         #[command(flatten)]
         repo: RepoArg,
     },
+    /// Upload a signed release (model file and targets metadata) to the fleet server.
+    Push {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        server: ServerArg,
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -134,8 +235,154 @@ fn now() -> UtcTime {
     UtcTime::from_system_time(std::time::SystemTime::now())
 }
 
+fn write_file(path: &std::path::Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp-write");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Release(ReleaseCmd::Push {
+            repo,
+            server,
+            model,
+            version,
+        }) => {
+            let r = push_release(
+                &server.client()?,
+                &Repo::open(&repo.repo, passphrase())?,
+                &model,
+                &version,
+            )?;
+            for rel in r["releases"].as_array().into_iter().flatten() {
+                println!(
+                    "uploaded {} {} ({})",
+                    rel["model"].as_str().unwrap_or("?"),
+                    rel["version"].as_str().unwrap_or("?"),
+                    rel["path"].as_str().unwrap_or("?")
+                );
+                for a in rel["artifacts"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {}\t{} bytes{}",
+                        a["kind"].as_str().unwrap_or("?"),
+                        a["length"],
+                        a["base"]
+                            .as_str()
+                            .map(|b| format!("\tfrom {}", &b[..b.len().min(12)]))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Command::Devices(DevicesCmd::Add { server, id, tags }) => {
+            let tags: std::collections::BTreeMap<_, _> = tags.into_iter().collect();
+            let r = server.client()?.post(
+                "/api/v1/devices",
+                &serde_json::json!({"id": id, "tags": tags}),
+            )?;
+            println!("created device {id}");
+            if r["broker_reload_required"] == true {
+                println!("reload the broker (SIGHUP to mosquitto) so that the device can connect");
+            }
+            println!("write its bundle with: outpostctl devices bundle --id {id} --out DIR");
+        }
+        Command::Devices(DevicesCmd::Bundle {
+            server,
+            id,
+            out,
+            broker_url,
+            data_dir,
+        }) => {
+            let r = server.client()?.post(
+                &format!("/api/v1/devices/{id}/bundle"),
+                &serde_json::json!({"broker_url": broker_url, "data_dir": data_dir}),
+            )?;
+            let field = |k: &str| {
+                r[k].as_str()
+                    .map(str::to_owned)
+                    .with_context(|| format!("server answer lacks {k}"))
+            };
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            write_file(
+                &out.join("agent.toml"),
+                field("agent_toml")?.as_bytes(),
+                0o644,
+            )?;
+            write_file(
+                &out.join("credentials"),
+                format!("{}\n", field("credentials")?).as_bytes(),
+                0o600,
+            )?;
+            write_file(
+                &out.join("root.json"),
+                field("root_json")?.as_bytes(),
+                0o644,
+            )?;
+            println!(
+                "wrote bundle for {id} to {} (new credentials)",
+                out.display()
+            );
+            if r["broker_reload_required"] == true {
+                println!(
+                    "reload the broker (SIGHUP to mosquitto) so that the new password is accepted"
+                );
+            }
+        }
+        Command::Devices(DevicesCmd::List { server }) => {
+            let r = server.client()?.get("/api/v1/devices")?;
+            for d in r["devices"].as_array().into_iter().flatten() {
+                let slots: Vec<String> = d["slots"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(m, t)| format!("{m}={}", t.as_str().unwrap_or("?")))
+                    .collect();
+                println!(
+                    "{}\tcounter {}\tacked {}\tlast seen {}\t{}",
+                    d["id"].as_str().unwrap_or("?"),
+                    d["assignment_counter"],
+                    d["telemetry_acked"],
+                    d["last_seen"],
+                    slots.join(",")
+                );
+            }
+        }
+        Command::Assign {
+            server,
+            model,
+            version,
+            devices,
+            tags,
+        } => {
+            let tags: std::collections::BTreeMap<_, _> = tags.into_iter().collect();
+            let r = server.client()?.post(
+                "/api/v1/assignments",
+                &serde_json::json!({"model": model, "version": version, "devices": devices, "tags": tags}),
+            )?;
+            for a in r["assigned"].as_array().into_iter().flatten() {
+                println!(
+                    "assigned {model} {version} to {} (counter {})",
+                    a["device"].as_str().unwrap_or("?"),
+                    a["counter"]
+                );
+            }
+            if r["published"] != true {
+                println!(
+                    "not published yet: the server is not connected to its broker; it will publish on reconnect"
+                );
+            }
+        }
         Command::Repo(RepoCmd::Init {
             dir,
             root_keys,
