@@ -113,9 +113,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
         let _ = out.flush();
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for ctrl-c")?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("waiting for ctrl-c")?,
+            _ = term.recv() => {}
+        }
         server.shutdown().await;
         anyhow::Ok(())
     })

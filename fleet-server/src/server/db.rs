@@ -168,6 +168,9 @@ pub struct ArtifactRow {
     pub codec: Option<String>,
 }
 
+/// A device's new assignment state: id, counter, model → target path.
+pub type DeviceAssignment = (String, u64, BTreeMap<String, String>);
+
 /// An audit log entry.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditRow {
@@ -442,7 +445,7 @@ impl Db {
         devices: &[String],
         model: &str,
         target: &str,
-    ) -> Result<Vec<(String, u64, BTreeMap<String, String>)>> {
+    ) -> Result<Vec<DeviceAssignment>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let mut out = Vec::new();
