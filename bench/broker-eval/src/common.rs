@@ -41,7 +41,11 @@ pub fn device_may_use(device_id: &str, topic_or_filter: &str) -> bool {
 }
 
 /// Checks CONNECT credentials. Returns `Some(superuser)` when accepted.
-pub fn authenticate(client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Option<bool> {
+pub fn authenticate(
+    client_id: &str,
+    username: Option<&str>,
+    password: Option<&[u8]>,
+) -> Option<bool> {
     let username = username?;
     let password = password?;
     if username == SERVER_USER {
@@ -84,7 +88,11 @@ pub fn tls_files(dir: &Path) -> Result<TlsFiles> {
         std::fs::write(&key, ck.key_pair.serialize_pem())?;
     }
     let cert_pem = std::fs::read(&cert)?;
-    Ok(TlsFiles { cert, key, cert_pem })
+    Ok(TlsFiles {
+        cert,
+        key,
+        cert_pem,
+    })
 }
 
 /// Installs the process-wide rustls provider (several are compiled in via quinn/rumqttc).
@@ -104,7 +112,12 @@ pub fn options(client_id: &str, password: &str, addr: SocketAddr, clean: bool) -
 }
 
 /// Options for a TLS connection trusting `cert_pem`.
-pub fn tls_options(client_id: &str, password: &str, addr: SocketAddr, cert_pem: &[u8]) -> MqttOptions {
+pub fn tls_options(
+    client_id: &str,
+    password: &str,
+    addr: SocketAddr,
+    cert_pem: &[u8],
+) -> MqttOptions {
     let mut o = options(client_id, password, addr, true);
     o.set_transport(Transport::Tls(TlsConfiguration::Simple {
         ca: cert_pem.to_vec(),
@@ -145,7 +158,9 @@ impl BrokerProcess {
             .spawn()?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         let mut lines = BufReader::new(stdout).lines();
-        let line = lines.next().ok_or_else(|| anyhow!("broker exited before READY"))??;
+        let line = lines
+            .next()
+            .ok_or_else(|| anyhow!("broker exited before READY"))??;
         // READY tcp=ADDR tls=ADDR
         let mut tcp = None;
         let mut tls = None;
@@ -215,24 +230,42 @@ mod tests {
 
     #[test]
     fn device_cannot_use_wildcards_or_other_devices() {
-        assert!(device_may_use("dev-1", "outpost/v1/devices/dev-1/assignment"));
+        assert!(device_may_use(
+            "dev-1",
+            "outpost/v1/devices/dev-1/assignment"
+        ));
         assert!(device_may_use("dev-1", "outpost/v1/devices/dev-1/#"));
         assert!(!device_may_use("dev-1", "#"));
         assert!(!device_may_use("dev-1", "outpost/v1/devices/+/assignment"));
         assert!(!device_may_use("dev-1", "outpost/v1/devices/#"));
-        assert!(!device_may_use("dev-1", "outpost/v1/devices/dev-2/assignment"));
+        assert!(!device_may_use(
+            "dev-1",
+            "outpost/v1/devices/dev-2/assignment"
+        ));
         assert!(!device_may_use("dev-1", "outpost/v1/devices/dev-1"));
-        assert!(!device_may_use("dev-1", "$share/g/outpost/v1/devices/dev-1/x"));
+        assert!(!device_may_use(
+            "dev-1",
+            "$share/g/outpost/v1/devices/dev-1/x"
+        ));
         assert!(!device_may_use("dev-1", "outpost/+/devices/dev-1/x"));
     }
 
     #[test]
     fn rejects_username_that_differs_from_client_id() {
-        assert_eq!(authenticate("dev-1", Some("dev-1"), Some(b"pw-1")), Some(false));
+        assert_eq!(
+            authenticate("dev-1", Some("dev-1"), Some(b"pw-1")),
+            Some(false)
+        );
         assert_eq!(authenticate("dev-2", Some("dev-1"), Some(b"pw-1")), None);
         assert_eq!(authenticate("dev-1", Some("dev-1"), Some(b"pw-2")), None);
         assert_eq!(authenticate("dev-1", None, None), None);
-        assert_eq!(authenticate(SERVER_USER, Some(SERVER_USER), Some(SERVER_PASS.as_bytes())), Some(true));
-        assert_eq!(authenticate("x", Some(SERVER_USER), Some(SERVER_PASS.as_bytes())), None);
+        assert_eq!(
+            authenticate(SERVER_USER, Some(SERVER_USER), Some(SERVER_PASS.as_bytes())),
+            Some(true)
+        );
+        assert_eq!(
+            authenticate("x", Some(SERVER_USER), Some(SERVER_PASS.as_bytes())),
+            None
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! `broker-eval serve BROKER DATA [opts]` runs one broker and prints `READY tcp=.. tls=..`.
 //! `broker-eval eval BROKER [CRITERION..]` spawns `serve` children and measures.
 //!
-//! Criteria: acl, slow, slow-window, slow-small-queue, tls, retain, retain-expiry, scale.
+//! Criteria: acl, slow, slow-window, slow-small-queue, tls, retain, retain-expiry, scale[:N].
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,20 +17,30 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("serve") => rt.block_on(serve(&args[1..])),
         Some("eval") => rt.block_on(eval(&args[1..])),
-        _ => bail!("usage: broker-eval serve BROKER DATA [--mqueue N] [--expiry-secs S] [--retained-ttl T] [--segment-mib M] | eval BROKER [CRITERION..]"),
+        _ => bail!(
+            "usage: broker-eval serve BROKER DATA [--mqueue N] [--expiry-secs S] [--retained-ttl T] [--segment-mib M] | eval BROKER [CRITERION..]"
+        ),
     }
 }
 
+#[cfg_attr(
+    not(any(feature = "rmqtt-broker", feature = "rumqttd-broker")),
+    allow(dead_code)
+)]
 fn opt<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
 }
 
+#[allow(unreachable_code, unused_variables)] // without broker features
 async fn serve(args: &[String]) -> Result<()> {
     let broker = args.first().context("BROKER")?.as_str();
     let data = PathBuf::from(args.get(1).context("DATA")?);
     std::fs::create_dir_all(&data)?;
     let tls = common::tls_files(&data)?;
-    let ep = match broker {
+    let ep: common::Endpoints = match broker {
         #[cfg(feature = "rmqtt-broker")]
         "rmqtt" => {
             let mut t = broker_eval::rmqtt_broker::Tuning::default();
@@ -70,9 +80,21 @@ async fn serve(args: &[String]) -> Result<()> {
 
 async fn eval(args: &[String]) -> Result<()> {
     let broker = args.first().context("BROKER")?.clone();
-    let all = ["acl", "slow", "slow-window", "slow-small-queue", "tls", "retain", "retain-expiry", "scale"];
-    let wanted: Vec<String> =
-        if args.len() > 1 { args[1..].to_vec() } else { all.iter().map(|s| s.to_string()).collect() };
+    let all = [
+        "acl",
+        "slow",
+        "slow-window",
+        "slow-small-queue",
+        "tls",
+        "retain",
+        "retain-expiry",
+        "scale",
+    ];
+    let wanted: Vec<String> = if args.len() > 1 {
+        args[1..].to_vec()
+    } else {
+        all.iter().map(|s| s.to_string()).collect()
+    };
     let tmp = tempfile::tempdir()?;
     let extra = |flags: &[&str]| flags.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let spawn_with = |dir: &Path, flags: &[&str]| BrokerProcess::spawn(&broker, dir, &extra(flags));
@@ -90,11 +112,17 @@ async fn eval(args: &[String]) -> Result<()> {
                 let (flags, window): (&[&str], _) = match c.as_str() {
                     "slow" => (&[], None),
                     "slow-window" => (&["--mqueue", "50"], Some(16)),
-                    _ => (&["--mqueue", "50", "--segment-mib", "8"], None),
+                    _ => (&["--mqueue", "50", "--segment-mib", "1"], None),
                 };
                 let b = spawn_with(&dir, flags)?;
-                let r = criteria::slow_subscriber(&b.endpoints, 200, 64 * 1024, Duration::from_millis(20), window)
-                    .await?;
+                let r = criteria::slow_subscriber(
+                    &b.endpoints,
+                    200,
+                    64 * 1024,
+                    Duration::from_millis(20),
+                    window,
+                )
+                .await?;
                 println!("  flags {flags:?} window {window:?}: {r:?}");
                 println!(
                     "  silently lost: {}",
@@ -114,7 +142,7 @@ async fn eval(args: &[String]) -> Result<()> {
                 }
             }
             "retain" => {
-                for settle in [Duration::ZERO, Duration::from_secs(2)] {
+                for settle in [0, 200, 600, 2000].map(Duration::from_millis) {
                     let d = dir.join(format!("settle-{}", settle.as_millis()));
                     let r = criteria::retain_restart(&|p| spawn_with(p, &[]), &d, settle).await?;
                     println!("  SIGKILL {settle:?} after PUBACK, restart -> retained: {r:?}");
@@ -129,19 +157,22 @@ async fn eval(args: &[String]) -> Result<()> {
                     // Deliberate: let the 2 s message expiry pass.
                     tokio::time::sleep(Duration::from_secs(4)).await;
                     let r = criteria::fetch_retained(&b.endpoints, "dev-1", topic).await?;
-                    println!("  message expiry 2 s, retained_ttl {ttl:?}, after 4 s -> retained: {r:?}");
+                    println!(
+                        "  message expiry 2 s, retained_ttl {ttl:?}, after 4 s -> retained: {r:?}"
+                    );
                 }
             }
-            "scale" => {
+            c if c == "scale" || c.starts_with("scale:") => {
+                let n: usize = c.strip_prefix("scale:").unwrap_or("1000").parse()?;
                 let b = spawn_with(&dir, &[])?;
                 let idle = b.rss_kib()?;
                 let threads = b.threads()?;
-                let r = criteria::scale(&b.endpoints, 1000).await?;
+                let r = criteria::scale(&b.endpoints, n).await?;
                 // Let the broker settle before reading memory.
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 let loaded = b.rss_kib()?;
                 println!(
-                    "  1000 clients connect+subscribe: {:.2} s, failures {}; broker RSS idle {} KiB -> {} KiB with 1000 connections; threads {} -> {}",
+                    "  {n} clients connect+subscribe: {:.2} s, failures {}; broker RSS idle {} KiB -> {} KiB with {n} connections; threads {} -> {}",
                     r.connect_subscribe_secs,
                     r.failures,
                     idle,

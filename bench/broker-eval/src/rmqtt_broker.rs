@@ -45,7 +45,12 @@ impl Default for Tuning {
 }
 
 /// Starts the broker on the current tokio runtime; returns once both listeners are bound.
-pub async fn start(data_dir: &Path, tls: &TlsFiles, tuning: &Tuning, dropped: DropCounter) -> Result<Endpoints> {
+pub async fn start(
+    data_dir: &Path,
+    tls: &TlsFiles,
+    tuning: &Tuning,
+    dropped: DropCounter,
+) -> Result<Endpoints> {
     let retain_dir = data_dir.join("retain");
     let session_dir = data_dir.join("session");
     let retainer_cfg = format!(
@@ -77,11 +82,19 @@ pub async fn start(data_dir: &Path, tls: &TlsFiles, tuning: &Tuning, dropped: Dr
         Type::MessagePublishCheckAcl,
         Type::MessageDropped,
     ] {
-        register.add(typ, Box::new(OutpostAcl { dropped: dropped.clone() })).await;
+        register
+            .add(
+                typ,
+                Box::new(OutpostAcl {
+                    dropped: dropped.clone(),
+                }),
+            )
+            .await;
     }
     register.start().await;
 
-    let inflight = NonZeroU16::new(tuning.max_inflight).ok_or_else(|| anyhow!("max_inflight must be > 0"))?;
+    let inflight =
+        NonZeroU16::new(tuning.max_inflight).ok_or_else(|| anyhow!("max_inflight must be > 0"))?;
     let common = |b: Builder| {
         b.allow_anonymous(false)
             .max_packet_size(1024 * 1024)
@@ -92,18 +105,28 @@ pub async fn start(data_dir: &Path, tls: &TlsFiles, tuning: &Tuning, dropped: Dr
             .nodelay(true)
     };
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let tcp = common(Builder::new().name("tcp").laddr(loopback)).bind()?.tcp()?;
+    let tcp = common(Builder::new().name("tcp").laddr(loopback))
+        .bind()?
+        .tcp()?;
     let tls_l = common(Builder::new().name("tls").laddr(loopback))
         .tls_cert(Some(tls.cert.display().to_string()))
         .tls_key(Some(tls.key.display().to_string()))
         .bind()?
         .tls()?;
-    let endpoints = Endpoints { tcp: tcp.local_addr()?, tls: tls_l.local_addr()? };
-    MqttServer::new(scx)
+    let endpoints = Endpoints {
+        tcp: tcp.local_addr()?,
+        tls: tls_l.local_addr()?,
+    };
+    let server = MqttServer::new(scx)
         .listener_by_id(tcp, 1)
         .listener_by_id(tls_l, 2)
-        .build()
-        .start();
+        .build();
+    // Not `MqttServer::start()`: it calls `std::process::exit(1)` when a listener fails.
+    tokio::spawn(async move {
+        if let Err(e) = server.run().await {
+            eprintln!("rmqtt stopped: {e}");
+        }
+    });
     Ok(endpoints)
 }
 
@@ -149,7 +172,11 @@ impl Handler for OutpostAcl {
             }
             Parameter::MessageDropped(to, _from, p, reason) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
-                eprintln!("rmqtt dropped message on {} to {:?}: {reason:?}", p.topic, to.as_ref().map(|t| t.client_id.clone()));
+                eprintln!(
+                    "rmqtt dropped message on {} to {:?}: {reason:?}",
+                    p.topic,
+                    to.as_ref().map(|t| t.client_id.clone())
+                );
                 (true, acc)
             }
             _ => (true, acc),
