@@ -38,13 +38,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use outpost_protocol::release::{ModelRelease, ReleaseError};
+use outpost_protocol::release::{ModelRelease, OutputKind, ReleaseError};
 use serde::{Deserialize, Serialize};
 
 use crate::gate::{self, GateError, GateOptions, LatencyStats};
 use crate::monitor::{
-    ClassProxies, HealthProbe, LabelConfig, LabelOutcome, Monitor, MonitorConfig, MonitorError,
-    ReservoirConfig, WindowConfig, WindowOutput,
+    Calibration, ClassProxies, HealthProbe, LabelConfig, LabelOutcome, Monitor, MonitorConfig,
+    MonitorError, ReservoirConfig, ScoreKind, WindowConfig, WindowOutput, class_proxies,
 };
 use crate::outbox::{Class, Outbox, OutboxConfig, OutboxError, PushOutcome};
 use crate::runtime::{ExecPath, HostTensor, Model, PredictionId, Runtime, RuntimeError};
@@ -56,6 +56,8 @@ pub const EVENT_RECORD_SCHEMA: u32 = 1;
 const MAX_BACKLOG_RECORDS: usize = 4096;
 const COUNTER_BITS: u32 = 40;
 const COUNTER_MASK: u64 = (1 << COUNTER_BITS) - 1;
+/// Inferences queued per model before the inferring thread drains the queue itself.
+const MAX_QUEUED: usize = 1024;
 /// Wall-clock readings before this (2020-01-01) are treated as "no clock".
 const BELIEVABLE_WALL_MS: u64 = 1_577_836_800_000;
 
@@ -462,6 +464,50 @@ struct Live {
     model: Arc<Model>,
     monitor: Monitor,
     generation: u8,
+    /// How to compute the class proxies returned by `infer` (the monitor recomputes them
+    /// when it drains the queue).
+    head: Option<(ScoreKind, usize, Calibration)>,
+}
+
+impl Live {
+    fn new(model: Arc<Model>, monitor: Monitor, generation: u8) -> Live {
+        let head = model.release().and_then(|r| {
+            let o = r.io.outputs.iter().find(|o| o.class_count().is_some())?;
+            let kind = match o.kind {
+                OutputKind::ClassLogits => ScoreKind::Logits,
+                OutputKind::ClassProbabilities => ScoreKind::Probabilities,
+                _ => return None,
+            };
+            let calibration = Calibration::from_release(r.calibrator.as_ref()).ok()?;
+            Some((kind, o.class_count()?, calibration))
+        });
+        Live {
+            model,
+            monitor,
+            generation,
+            head,
+        }
+    }
+
+    fn proxies(&self, row: &[f32]) -> Option<ClassProxies> {
+        let (kind, classes, calibration) = self.head.as_ref()?;
+        (row.len() == *classes)
+            .then(|| class_proxies(row, *kind, calibration).ok())
+            .flatten()
+    }
+}
+
+/// An inference waiting for its monitor: `Monitor::observe` runs off the caller's
+/// latency path, when the queue is drained.
+struct Queued {
+    id: u64,
+    generation: u8,
+    latency: Duration,
+    now_ms: u64,
+    /// Range in `SlotState::q_bounds` (one entry per input).
+    inputs: std::ops::Range<usize>,
+    /// Range in `SlotState::q_values` of the classifier output row.
+    row: std::ops::Range<usize>,
 }
 
 struct SlotState {
@@ -473,15 +519,82 @@ struct SlotState {
     pending: VecDeque<WindowOutput>,
     windows_dropped: u64,
     counts: ModelCounts,
+    queue: Vec<Queued>,
+    q_values: Vec<f32>,
+    q_bounds: Vec<(usize, usize)>,
+}
+
+fn push_pending(
+    pending: &mut VecDeque<WindowOutput>,
+    dropped: &mut u64,
+    out: WindowOutput,
+    cap: usize,
+) {
+    if pending.len() >= cap.max(1) {
+        pending.pop_front();
+        *dropped += 1;
+    }
+    pending.push_back(out);
 }
 
 impl SlotState {
-    fn push_pending(&mut self, out: WindowOutput, cap: usize) {
-        if self.pending.len() >= cap.max(1) {
-            self.pending.pop_front();
-            self.windows_dropped += 1;
+    fn new(live: Live) -> SlotState {
+        SlotState {
+            next_generation: live.generation.wrapping_add(1),
+            current: live,
+            retired: None,
+            next_counter: fastrand::u64(..) & COUNTER_MASK,
+            pending: VecDeque::new(),
+            windows_dropped: 0,
+            counts: ModelCounts::default(),
+            queue: Vec::with_capacity(MAX_QUEUED),
+            q_values: Vec::new(),
+            q_bounds: Vec::new(),
         }
-        self.pending.push_back(out);
+    }
+
+    fn push_pending(&mut self, out: WindowOutput, cap: usize) {
+        push_pending(&mut self.pending, &mut self.windows_dropped, out, cap);
+    }
+
+    /// Feeds every queued inference to the monitor of the release that computed it, in
+    /// order; windows that close go to `pending`.
+    fn drain(&mut self, cap: usize) {
+        let SlotState {
+            current,
+            retired,
+            pending,
+            windows_dropped,
+            queue,
+            q_values,
+            q_bounds,
+            ..
+        } = self;
+        let mut inputs: Vec<&[f32]> = Vec::new();
+        for q in queue.drain(..) {
+            let live = if current.generation == q.generation {
+                Some(&mut *current)
+            } else {
+                retired
+                    .as_mut()
+                    .map(|(l, _)| l)
+                    .filter(|l| l.generation == q.generation)
+            };
+            let Some(live) = live else { continue };
+            inputs.clear();
+            inputs.extend(q_bounds[q.inputs].iter().map(|&(a, b)| &q_values[a..b]));
+            let row = &q_values[q.row];
+            let _ = live
+                .monitor
+                .observe(q.id, &inputs, row, q.latency, q.now_ms);
+            if live.monitor.is_due(q.now_ms)
+                && let Some(out) = live.monitor.maybe_close(q.now_ms)
+            {
+                push_pending(pending, windows_dropped, out, cap);
+            }
+        }
+        q_values.clear();
+        q_bounds.clear();
     }
 }
 
@@ -538,6 +651,10 @@ impl std::fmt::Debug for Agent {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn make_id(index: u16, generation: u8, counter: u64) -> u64 {
+    (u64::from(index) << 48) | (u64::from(generation) << COUNTER_BITS) | counter
 }
 
 fn wall_ms() -> Option<u64> {
@@ -746,22 +863,13 @@ impl Agent {
                     let count = slots.cells.len();
                     let index =
                         u16::try_from(count).map_err(|_| AgentError::TooManyModels { count })?;
-                    let generation = fastrand::u8(..);
                     let cell = Arc::new(SlotCell {
                         index,
-                        state: Mutex::new(SlotState {
-                            current: Live {
-                                model: model.clone(),
-                                monitor,
-                                generation,
-                            },
-                            retired: None,
-                            next_counter: fastrand::u64(..) & COUNTER_MASK,
-                            next_generation: generation.wrapping_add(1),
-                            pending: VecDeque::new(),
-                            windows_dropped: 0,
-                            counts: ModelCounts::default(),
-                        }),
+                        state: Mutex::new(SlotState::new(Live::new(
+                            model.clone(),
+                            monitor,
+                            fastrand::u8(..),
+                        ))),
                         contended: AtomicU64::new(0),
                     });
                     slots.by_name.insert(name.to_string(), count);
@@ -774,15 +882,12 @@ impl Agent {
         let Some(cell) = cell else { return Ok(()) };
         let cap = self.config.max_pending_windows;
         let mut st = cell.lock();
+        st.drain(cap);
         let generation = st.next_generation;
         st.next_generation = generation.wrapping_add(1);
         let mut old = std::mem::replace(
             &mut st.current,
-            Live {
-                model: model.clone(),
-                monitor,
-                generation,
-            },
+            Live::new(model.clone(), monitor, generation),
         );
         if let Some(out) = old.monitor.flush(now_ms) {
             st.push_pending(out, cap);
@@ -1094,51 +1199,45 @@ impl Agent {
                     flatten_into(row, t);
                 }
             }
-            let mut few: [&[f32]; 8] = [&[]; 8];
-            let many: Vec<&[f32]>;
-            let input_rows: &[&[f32]] = if bounds.len() <= few.len() {
-                for (slot, &(a, b)) in few.iter_mut().zip(bounds.iter()) {
-                    *slot = &values[a..b];
-                }
-                &few[..bounds.len()]
-            } else {
-                many = bounds.iter().map(|&(a, b)| &values[a..b]).collect();
-                &many
-            };
-
             let mut st = cell.lock();
             let st = &mut *st;
             st.counts.inferences += 1;
             let counter = st.next_counter;
             st.next_counter = (counter + 1) & COUNTER_MASK;
-            let orphan_generation = st.current.generation.wrapping_sub(1);
             let live = if Arc::ptr_eq(&st.current.model, &inference.model) {
-                Some(&mut st.current)
+                Some(&st.current)
             } else {
                 st.retired
-                    .as_mut()
+                    .as_ref()
                     .map(|(l, _)| l)
                     .filter(|l| Arc::ptr_eq(&l.model, &inference.model))
             };
             // A model replaced twice during this call is no longer monitored: its id
             // joins nothing.
-            let generation = live.as_ref().map_or(orphan_generation, |l| l.generation);
-            let id =
-                (u64::from(cell.index) << 48) | (u64::from(generation) << COUNTER_BITS) | counter;
-            let mut class = None;
-            let mut closed = None;
-            if let Some(live) = live {
-                class = live
-                    .monitor
-                    .observe(id, input_rows, row, inference.latency, now_ms)
-                    .ok()
-                    .and_then(|r| r.class);
-                if live.monitor.is_due(now_ms) {
-                    closed = live.monitor.maybe_close(now_ms);
-                }
-            }
-            if let Some(out) = closed {
-                st.push_pending(out, cap);
+            let Some(live) = live else {
+                let generation = st.current.generation.wrapping_sub(1);
+                return (make_id(cell.index, generation, counter), None);
+            };
+            let generation = live.generation;
+            let id = make_id(cell.index, generation, counter);
+            let class = live.proxies(row);
+            let base = st.q_values.len();
+            st.q_values.extend_from_slice(values);
+            let first = st.q_bounds.len();
+            st.q_bounds
+                .extend(bounds.iter().map(|&(a, b)| (base + a, base + b)));
+            let row_start = st.q_values.len();
+            st.q_values.extend_from_slice(row);
+            st.queue.push(Queued {
+                id,
+                generation,
+                latency: inference.latency,
+                now_ms,
+                inputs: first..st.q_bounds.len(),
+                row: row_start..st.q_values.len(),
+            });
+            if st.queue.len() >= MAX_QUEUED {
+                st.drain(cap);
             }
             (id, class)
         });
@@ -1167,6 +1266,7 @@ impl Agent {
         };
         let now_ms = self.now_ms(Instant::now());
         let mut st = cell.lock();
+        st.drain(self.config.max_pending_windows);
         let st = &mut *st;
         let monitor = match &mut st.retired {
             Some((l, _)) if l.generation == generation && st.current.generation != generation => {
@@ -1189,6 +1289,7 @@ impl Agent {
         self.consent.store(on, Ordering::Relaxed);
         for cell in self.cells() {
             let mut st = cell.lock();
+            st.drain(self.config.max_pending_windows);
             st.current.monitor.set_consent(on);
             if let Some((l, _)) = &mut st.retired {
                 l.monitor.set_consent(on);
@@ -1277,6 +1378,7 @@ impl Agent {
         let retention = self.config.labels.retention_ms;
         for cell in self.cells() {
             let mut st = cell.lock();
+            st.drain(self.config.max_pending_windows);
             let st = &mut *st;
             let closed = if flush {
                 st.current.monitor.flush(now_ms)
