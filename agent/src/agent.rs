@@ -7,8 +7,10 @@
 //!   back to the kept previous one, and an Event says so.
 //! - [`Agent::install`] stores, gates, persists, then hot-swaps a model;
 //!   [`Agent::revert`] goes back to the previous one.
-//! - [`Agent::infer`] runs a model and feeds its monitor: no disk I/O, one short per-model
-//!   critical section. [`Agent::report_label`] joins a label to a prediction id.
+//! - [`Agent::infer`] runs a model and queues the observation for its monitor: no disk
+//!   I/O, no allocation, one short per-model critical section. The monitor consumes the
+//!   queue at `tick`, before label joins and swaps, or when it is full.
+//!   [`Agent::report_label`] joins a label to a prediction id.
 //! - [`Agent::tick`] is the only place telemetry reaches the disk: the caller drives it
 //!   (the daemon once a second, the C SDK from its own thread). The library spawns no
 //!   thread. [`Agent::close`] flushes everything.
@@ -1147,10 +1149,10 @@ impl Agent {
         Ok(report)
     }
 
-    /// Runs the active model `model` and records the inference in its monitor. No disk
-    /// I/O: windows that close here wait in memory for [`Agent::tick`]. Inputs are matched
-    /// by name; the monitor reads them flattened as f32 in the release's input order and
-    /// reads the first classifier output.
+    /// Runs the active model `model` and queues the inference for its monitor (inputs
+    /// flattened as f32 in the release's input order, the first classifier output). No
+    /// disk I/O and no allocation; the monitor consumes the queue at [`Agent::tick`],
+    /// before label joins and swaps, or here when 1024 are queued.
     pub fn infer(&self, model: &str, inputs: &[(&str, HostTensor)]) -> Result<AgentInference> {
         let cell = self.cell(model).ok_or_else(|| AgentError::UnknownModel {
             model: model.to_string(),
