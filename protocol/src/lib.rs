@@ -8,6 +8,8 @@
 //!   against the verified image repository.
 //! - [`bundle`]: the device bundle's `agent.toml` (what the server writes and the
 //!   agent reads).
+//! - [`delta`]: model deltas (`zstd-ref`, tensor-aware); bounded decoder, output checked
+//!   against the target hash.
 //! - [`wire`]: MQTT topics, the device ACL, and the messages agents and the server
 //!   exchange (pulled, resumable transfers; telemetry batches and acks).
 //! - [`tuf`]: TUF metadata, canonical JSON, keys, verification and the client workflow.
