@@ -61,6 +61,18 @@ CREATE TABLE slot_targets (
   sha256 TEXT NOT NULL,
   path TEXT NOT NULL
 );
+", r"
+-- One row per (slot, model): the previous model's target path must outlive the next
+-- install (status reports name it as the revert target).
+CREATE TABLE slot_targets_v2 (
+  slot TEXT NOT NULL,
+  sha256 TEXT NOT NULL,
+  path TEXT NOT NULL,
+  PRIMARY KEY (slot, sha256)
+);
+INSERT INTO slot_targets_v2 (slot, sha256, path) SELECT slot, sha256, path FROM slot_targets;
+DROP TABLE slot_targets;
+ALTER TABLE slot_targets_v2 RENAME TO slot_targets;
 "];
 
 /// Errors of update persistence.
@@ -452,6 +464,22 @@ impl MetadataStore for FileMetadataStore {
 mod tests {
     use super::*;
     use crate::update::machine::{Failure, FailureKind, Phase};
+
+    #[test]
+    fn previous_target_path_survives_the_next_install() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = UpdateDb::open(dir.path()).unwrap();
+        db.set_slot_target("digits", "aa", "digits/1.0/a.onnx").unwrap();
+        db.set_slot_target("digits", "bb", "digits/1.1/b.onnx").unwrap();
+        assert_eq!(
+            db.slot_target("digits", "aa").unwrap().as_deref(),
+            Some("digits/1.0/a.onnx")
+        );
+        assert_eq!(
+            db.slot_target("digits", "bb").unwrap().as_deref(),
+            Some("digits/1.1/b.onnx")
+        );
+    }
 
     #[test]
     fn machine_and_counter_survive_reopen() {
