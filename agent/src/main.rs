@@ -7,7 +7,9 @@
 //!   latency percentiles of each execution path, JSON on stdout.
 //!
 //! - `run --config DIR/agent.toml`: the daemon (MQTT link, updates, telemetry upload)
-//!   until SIGTERM or ctrl-c; exit 0 after a clean shutdown.
+//!   until SIGTERM or ctrl-c; exit 0 after a clean shutdown. For tests and demos,
+//!   `--simulate-inputs FILE.npy [--simulate-labels FILE.npy] [--simulate-rate N]
+//!   [--simulate-label-share S]` plays an app calling `infer` (see `simulate.rs`).
 //! - `status --config DIR/agent.toml`: the persisted update state as JSON (reads the data
 //!   directory without its lock, so it works while the daemon runs).
 //!
@@ -19,6 +21,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -30,6 +34,8 @@ use outpost_agent::runtime::{
 };
 use outpost_protocol::release::{DType, ModelRelease, TensorSpec};
 use serde::Serialize;
+
+mod simulate;
 
 #[derive(Parser)]
 #[command(name = "outpost-agent", version, about = "The Outpost device agent")]
@@ -59,6 +65,8 @@ struct RunArgs {
     #[arg(long, default_value_t = outpost_protocol::wire::CHUNK_LEN,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(outpost_protocol::wire::CHUNK_LEN)))]
     chunk_len: u32,
+    #[command(flatten)]
+    simulate: simulate::SimulateArgs,
 }
 
 #[derive(Args)]
@@ -116,12 +124,17 @@ fn main() {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<String> {
+    let traffic = simulate::Traffic::load(&args.simulate)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_traffic = simulate::StopOnDrop(stop.clone());
+    let mut traffic_thread = None;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let shutdown = async {
+        let stop_on_signal = stop.clone();
+        let shutdown = async move {
             let mut term =
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                     Ok(s) => s,
@@ -131,16 +144,34 @@ fn run(args: RunArgs) -> anyhow::Result<String> {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
+            stop_on_signal.store(true, Ordering::Relaxed);
         };
-        outpost_agent::update::daemon::run(
+        outpost_agent::update::daemon::run_with_agent(
             outpost_agent::update::daemon::RunOptions {
                 config: args.config,
                 chunk_len: args.chunk_len,
             },
             shutdown,
+            |agent| {
+                if let Some(t) = traffic {
+                    eprintln!(
+                        "outpost-agent: simulating app traffic: {} input rows at {}/s",
+                        t.len(),
+                        args.simulate.simulate_rate
+                    );
+                    traffic_thread = Some(t.spawn(agent.clone(), stop.clone()));
+                }
+            },
         )
         .await
     })?;
+    stop.store(true, Ordering::Relaxed);
+    if let Some(stats) = traffic_thread.and_then(|h| h.join().ok()) {
+        eprintln!(
+            "outpost-agent: simulated app: {} inferences, {} errors, {} labels",
+            stats.inferences, stats.errors, stats.labels
+        );
+    }
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     Ok(r#"{"stopped":true}"#.into())
 }

@@ -115,6 +115,16 @@ pub async fn run(
     opts: RunOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_with_agent(opts, shutdown, |_| {}).await
+}
+
+/// [`run`], handing the agent to `on_open` once its data directory is open (the
+/// binary's simulated app traffic uses it from a thread of its own).
+pub async fn run_with_agent(
+    opts: RunOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_open: impl FnOnce(&Arc<Agent>),
+) -> anyhow::Result<()> {
     let (bundle, dir) = load_bundle(&opts.config)?;
     let data = Bundle::resolve(&dir, &bundle.data_dir);
     let mut acfg = AgentConfig::new(&data, &bundle.device_id);
@@ -129,6 +139,7 @@ pub async fn run(
         .await?
         .context("opening the data directory")?;
     let agent = Arc::new(agent);
+    on_open(&agent);
     let db = Arc::new(UpdateDb::open(&data)?);
     let mut meta = db.metadata_store();
     if meta.load("root").is_none() {
