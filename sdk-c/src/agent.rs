@@ -1100,6 +1100,7 @@ pub unsafe extern "C" fn outpost_agent_model_io_count(
 
 /// # Safety
 /// As `outpost_agent_model_input`.
+#[allow(clippy::too_many_arguments)] // the C signature plus the input/output switch
 unsafe fn io_spec(
     agent: *mut outpost_agent,
     model: *const c_char,

@@ -232,3 +232,66 @@ pub(crate) unsafe fn copy_str(s: &str, buf: *mut c_char, len: usize, out_len: *m
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_str_truncates_and_terminates_a_short_buffer() {
+        let mut buf = [0x55 as c_char; 4];
+        let mut n = 0usize;
+        // SAFETY: buf holds 4 bytes; n is writable.
+        let err = unsafe { copy_str("hello", buf.as_mut_ptr(), buf.len(), &mut n) }.unwrap_err();
+        assert_eq!(err.status, OUTPOST_ERR_BUFFER_TOO_SMALL);
+        assert_eq!(n, 5);
+        assert_eq!(buf.map(|c| c as u8), *b"hel\0");
+        let mut exact = [0 as c_char; 6];
+        // SAFETY: as above.
+        unsafe {
+            copy_str(
+                "hello",
+                exact.as_mut_ptr(),
+                exact.len(),
+                std::ptr::null_mut(),
+            )
+        }
+        .unwrap();
+        assert_eq!(exact.map(|c| c as u8), *b"hello\0");
+    }
+
+    #[test]
+    fn copy_str_rejects_null_buffer_with_nonzero_length() {
+        // SAFETY: a NULL buffer is checked before use.
+        let err =
+            unsafe { copy_str("x", std::ptr::null_mut(), 8, std::ptr::null_mut()) }.unwrap_err();
+        assert_eq!(err.status, OUTPOST_ERR_NULL_POINTER);
+    }
+
+    #[test]
+    fn registry_reports_double_free_and_never_reuses_tokens() {
+        static REG: Registry<u32> = Registry::new("test handle");
+        let a: *mut u8 = REG.insert(1);
+        assert_eq!(*REG.get(a).unwrap(), 1);
+        REG.remove(a).unwrap();
+        assert_eq!(
+            REG.remove(a).unwrap_err().status,
+            OUTPOST_ERR_INVALID_HANDLE
+        );
+        assert_eq!(REG.get(a).unwrap_err().status, OUTPOST_ERR_INVALID_HANDLE);
+        let b: *mut u8 = REG.insert(2);
+        assert_ne!(a, b);
+        assert_eq!(
+            REG.get(std::ptr::null::<u8>()).unwrap_err().status,
+            OUTPOST_ERR_NULL_POINTER
+        );
+    }
+
+    #[test]
+    fn guard_turns_a_panic_into_a_status_and_message() {
+        let status = guard(|| panic!("boom"));
+        assert_eq!(status, OUTPOST_ERR_PANIC);
+        assert!(last_error().contains("boom"));
+        assert_eq!(guard(|| Ok(())), OUTPOST_OK);
+    }
+}

@@ -57,10 +57,8 @@ fn shared_lib_dir(tmp: &Path) -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    out
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 fn check(cmd: &mut Command) -> String {
@@ -139,8 +137,11 @@ fn c_api_passes_under_address_and_undefined_behavior_sanitizers() {
     );
     let mut cmd = Command::new(&exe);
     api_test_args(&mut cmd, tmp.path(), SAMPLES, "fresh");
-    cmd.env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=23")
-        .env("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1");
+    cmd.env(
+        "ASAN_OPTIONS",
+        "detect_leaks=1:abort_on_error=0:exitcode=23",
+    )
+    .env("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1");
     let stdout = check(&mut cmd);
     assert!(stdout.contains("all checks passed"), "{stdout}");
 }
@@ -228,7 +229,10 @@ fn example_built_from_the_readme_line_prints_the_fixture_digits() {
         let data = tmp.path().join(format!("data-{model}"));
         for digit in [3, 7, 9] {
             let out = classify(&exe, &data, model, digit);
-            assert!(out.starts_with(&format!("digit {digit} ")), "{model}: {out}");
+            assert!(
+                out.starts_with(&format!("digit {digit} ")),
+                "{model}: {out}"
+            );
         }
     }
     // A file that is not an 8x8 PGM is refused with a message, not misread.
@@ -253,7 +257,10 @@ fn install_script_gives_soname_links_and_a_pkg_config_file_that_builds_the_examp
     );
     let libdir = prefix.join("lib");
     let real = std::fs::read_link(libdir.join("liboutpost.so.0")).unwrap();
-    assert_eq!(real, PathBuf::from(format!("liboutpost.so.{}", env!("CARGO_PKG_VERSION"))));
+    assert_eq!(
+        real,
+        PathBuf::from(format!("liboutpost.so.{}", env!("CARGO_PKG_VERSION")))
+    );
     assert_eq!(
         std::fs::read_link(libdir.join("liboutpost.so")).unwrap(),
         PathBuf::from("liboutpost.so.0")
@@ -286,7 +293,10 @@ fn install_script_gives_soname_links_and_a_pkg_config_file_that_builds_the_examp
         .arg(&exe);
     check(&mut cmd);
     let needed = check(Command::new("readelf").arg("-d").arg(&exe));
-    assert!(needed.contains("Shared library: [liboutpost.so.0]"), "{needed}");
+    assert!(
+        needed.contains("Shared library: [liboutpost.so.0]"),
+        "{needed}"
+    );
     let out = classify(&exe, &tmp.path().join("data"), "mlp", 7);
     assert!(out.starts_with("digit 7 "), "{out}");
 }
