@@ -1,0 +1,67 @@
+//! A fleet of three agents installs release 1.0 by full model, then 1.1 by delta.
+
+use crate::support::{Broker, Fleet, MODEL};
+
+#[test]
+fn fleet_installs_full_then_delta() {
+    installs_full_then_delta(Broker::Mosquitto);
+}
+
+fn installs_full_then_delta(broker: Broker) {
+    let (f, v1) = Fleet::start(broker);
+    let ids = ["a1", "a2", "a3"];
+    let mut devices = f.add_devices(&ids, |_| {});
+    for d in &mut devices {
+        d.start();
+    }
+
+    let counters = f.assign(&v1, &ids);
+    let mut after_full = Vec::new();
+    for id in ids {
+        let s = f.wait_converged(id, &v1, counters[id]);
+        let got = &s["bytes_received"];
+        // Nothing to delta from: the whole signed file travelled, once.
+        assert_eq!(got["full"].as_u64(), Some(v1.length), "{id}: {s}");
+        assert_eq!(got["delta"].as_u64().unwrap_or(0), 0, "{id}: {s}");
+        assert!(s["last_error"].is_null(), "{id}: {s}");
+        after_full.push(got.clone());
+    }
+
+    let v2 = f.sign("cnn_a_ft.onnx", "1.1");
+    f.push(&v2);
+    let counters = f.assign(&v2, &ids);
+    for (id, before) in ids.iter().zip(&after_full) {
+        let s = f.wait_converged(id, &v2, counters[*id]);
+        let got = &s["bytes_received"];
+        let delta = got["delta"].as_u64().unwrap_or(0);
+        assert!(delta > 0, "{id} did not install 1.1 by delta: {s}");
+        assert!(
+            delta < v2.length && delta < before["full"].as_u64().unwrap(),
+            "{id}: delta {delta} bytes is not smaller than the full model: {s}"
+        );
+        assert_eq!(
+            got["full"], before["full"],
+            "{id} fetched a full model again"
+        );
+        assert_eq!(
+            s["models"][MODEL]["previous"],
+            v1.path.as_str(),
+            "{id}: {s}"
+        );
+        assert!(s["last_error"].is_null(), "{id}: {s}");
+    }
+
+    // The CLI reads the same persisted state while the daemon runs.
+    let cli = devices[0].status_cli();
+    assert_eq!(cli["state"]["state"], "committed", "{cli}");
+    assert_eq!(cli["state"]["job"]["sha256"], v2.sha256.as_str(), "{cli}");
+    for d in &mut devices {
+        d.stop();
+    }
+    for d in &devices {
+        assert_eq!(
+            d.check_store(&[&v1, &v2]).as_deref(),
+            Some(v2.sha256.as_str())
+        );
+    }
+}

@@ -1,0 +1,847 @@
+//! The harness of the fleet scenarios: the real binaries (`outpostctl`, `outpost-server
+//! serve`, `outpost-agent run`) in their own processes, and a broker, each test in its own
+//! temp dir with free ports. Waits poll a condition with a deadline; nothing sleeps to
+//! synchronize.
+//!
+//! The broker is a parameter ([`Broker`]): Mosquitto from `docs/mosquitto/` with only its
+//! `DEPLOY` lines replaced, the password file written by the server
+//! (`--mosquitto-passwd-file`) and reloaded with SIGHUP after devices are added. Adding
+//! the embedded broker is one arm in [`Fleet::start`] (server arguments) and one in
+//! [`BrokerProc`] (restart and reload).
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use outpost_protocol::bundle::AgentConfig;
+use outpost_server::server::client::ApiClient;
+
+/// Longest wait for any one condition.
+pub const WAIT: Duration = Duration::from_secs(90);
+
+/// Model slot every scenario updates.
+pub const MODEL: &str = "digits";
+
+/// Which MQTT broker the fleet runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broker {
+    /// Mosquitto 2.0 from the shipped config, the server maintaining its password file.
+    Mosquitto,
+    /// The broker embedded in `outpost-server serve` (not available yet: the server has
+    /// no embedded broker; [`Fleet::start`] refuses it with a clear message).
+    #[allow(dead_code)]
+    Embedded,
+}
+
+/// The binaries under test, built by `cargo test --workspace` (or `cargo build
+/// --workspace --bins`) next to this test's `deps/` directory.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub agent: PathBuf,
+    pub server: PathBuf,
+    pub ctl: PathBuf,
+}
+
+impl Bins {
+    pub fn locate() -> Bins {
+        let exe = std::env::current_exe().expect("current test executable");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test runs from target/<profile>/deps");
+        let find = |name: &str| {
+            let p = dir.join(name);
+            assert!(
+                p.is_file(),
+                "{} is missing: build the binaries first (`cargo test --workspace`, or \
+                 `cargo build -p outpost-agent -p outpost-server --bins` before \
+                 `cargo test -p outpost-e2e`)",
+                p.display()
+            );
+            p
+        };
+        Bins {
+            agent: find("outpost-agent"),
+            server: find("outpost-server"),
+            ctl: find("outpostctl"),
+        }
+    }
+}
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/models")
+}
+
+fn shipped(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs/mosquitto")
+        .join(name)
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    outpost_protocol::delta::sha256(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Polls `f` until it returns `Some`, at most `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends a signal to a child process (by its pid only).
+pub fn signal(pid: u32, sig: &str) {
+    let s = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill runs");
+    assert!(s.success(), "kill -{sig} {pid} failed");
+}
+
+// ------------------------------------------------------------------ logs
+
+/// Output lines of every process of a test, prefixed with the process name; printed
+/// when a test fails.
+#[derive(Clone, Default)]
+pub struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn lines(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forwards a pipe's lines into the log from a thread.
+    fn follow(&self, name: &str, pipe: impl std::io::Read + Send + 'static) {
+        let log = self.clone();
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                log.lines().push(format!("[{name}] {line}"));
+            }
+        });
+    }
+
+    /// The number of lines so far (a mark for [`Log::wait_line`]).
+    pub fn mark(&self) -> usize {
+        self.lines().len()
+    }
+
+    /// Waits for a line after `mark` that starts with `[name]` and contains `needle`.
+    pub fn wait_line(&self, mark: usize, name: &str, needle: &str) {
+        let prefix = format!("[{name}] ");
+        wait_for(&format!("{name} to log {needle:?}"), WAIT, || {
+            self.lines()[mark..]
+                .iter()
+                .any(|l| l.starts_with(&prefix) && l.contains(needle))
+                .then_some(())
+        });
+    }
+
+    pub fn dump(&self, last: usize) {
+        let lines = self.lines();
+        let from = lines.len().saturating_sub(last);
+        eprintln!("---- last {} process log lines ----", lines.len() - from);
+        for l in &lines[from..] {
+            eprintln!("{l}");
+        }
+    }
+}
+
+// ------------------------------------------------------------------ broker
+
+/// A running broker the test can restart and reload.
+pub enum BrokerProc {
+    Mosquitto(Mosquitto),
+}
+
+impl BrokerProc {
+    /// Stops the broker and starts it again on the same port with the same persistence.
+    pub fn restart(&mut self) {
+        match self {
+            BrokerProc::Mosquitto(m) => m.restart(),
+        }
+    }
+
+    /// Makes the broker read device credentials again.
+    pub fn reload(&self) {
+        match self {
+            BrokerProc::Mosquitto(m) => m.reload(),
+        }
+    }
+}
+
+/// Mosquitto from `docs/mosquitto/outpost.conf` and `outpost.acl`.
+pub struct Mosquitto {
+    child: Child,
+    conf: PathBuf,
+    log: Log,
+}
+
+impl Mosquitto {
+    fn start(dir: &Path, port: u16, passwd: &Path, log: &Log) -> Mosquitto {
+        let shipped_conf = std::fs::read_to_string(shipped("outpost.conf")).unwrap();
+        let persist = dir.join("mosquitto-db");
+        std::fs::create_dir_all(&persist).unwrap();
+        let mut out = String::new();
+        let mut replaced = 0;
+        for line in shipped_conf.lines() {
+            let deploy = if line.starts_with("listener ") {
+                Some(format!("listener {port} 127.0.0.1"))
+            } else if line.starts_with("password_file ") {
+                Some(format!("password_file {}", passwd.display()))
+            } else if line.starts_with("acl_file ") {
+                Some(format!("acl_file {}", shipped("outpost.acl").display()))
+            } else if line.starts_with("persistence_location ") {
+                Some(format!("persistence_location {}/", persist.display()))
+            } else {
+                None
+            };
+            replaced += usize::from(deploy.is_some());
+            out.push_str(deploy.as_deref().unwrap_or(line));
+            out.push('\n');
+        }
+        assert_eq!(replaced, 4, "the shipped config lost a DEPLOY line");
+        let user = Command::new("id").arg("-un").output().unwrap();
+        out.push_str("log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n");
+        out.push_str(&format!(
+            "user {}\n",
+            String::from_utf8_lossy(&user.stdout).trim()
+        ));
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(&conf, out).unwrap();
+        let mark = log.mark();
+        let child = Self::spawn(&conf, log);
+        log.wait_line(mark, "mosquitto", "running");
+        Mosquitto {
+            child,
+            conf,
+            log: log.clone(),
+        }
+    }
+
+    fn spawn(conf: &Path, log: &Log) -> Child {
+        let mut child = Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mosquitto (Debian package `mosquitto`) runs");
+        log.follow("mosquitto", child.stderr.take().unwrap());
+        child
+    }
+
+    /// SIGTERM (Mosquitto saves its persistence file), then the same config again.
+    fn restart(&mut self) {
+        signal(self.child.id(), "TERM");
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "mosquitto stopped with {status}");
+        let mark = self.log.mark();
+        self.child = Self::spawn(&self.conf, &self.log);
+        self.log.wait_line(mark, "mosquitto", "running");
+    }
+
+    /// SIGHUP: re-reads the password file and ACL.
+    fn reload(&self) {
+        let mark = self.log.mark();
+        signal(self.child.id(), "HUP");
+        self.log.wait_line(mark, "mosquitto", "Reloading config");
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ------------------------------------------------------------------ fleet
+
+/// A signed release of [`MODEL`].
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub version: String,
+    pub path: String,
+    pub sha256: String,
+    pub length: u64,
+}
+
+/// An operator repository, a fleet server and its broker.
+pub struct Fleet {
+    pub bins: Bins,
+    pub dir: tempfile::TempDir,
+    pub repo: PathBuf,
+    pub data: PathBuf,
+    pub url: String,
+    pub token: String,
+    pub admin: ApiClient,
+    pub broker_port: u16,
+    /// The server's broker password (user `outpost-server`, which may use every topic).
+    pub server_password: String,
+    pub broker: BrokerProc,
+    pub log: Log,
+    server: Child,
+}
+
+impl Fleet {
+    /// `outpostctl repo init`, release 1.0 of [`MODEL`] signed from `cnn_a.onnx`, the
+    /// broker, and `outpost-server serve --import-repo` connected to it.
+    pub fn start(kind: Broker) -> (Fleet, Target) {
+        let bins = Bins::locate();
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::default();
+        let repo = dir.path().join("repo");
+        ctl_ok(
+            &bins,
+            &["repo", "init", "--dir", repo.to_str().unwrap()],
+            None,
+        );
+        let v1 = sign(&bins, &repo, "cnn_a.onnx", "1.0");
+        let data = dir.path().join("data");
+        let broker_port = free_port();
+        let server_password = format!("server-{}", std::process::id());
+        let pw_file = dir.path().join("server.pw");
+        std::fs::write(&pw_file, &server_password).unwrap();
+        let passwd = dir.path().join("mosquitto.passwd");
+        let broker_args: Vec<OsString> = match kind {
+            Broker::Mosquitto => vec![
+                "--broker".into(),
+                format!("mqtt://127.0.0.1:{broker_port}").into(),
+                "--broker-password-file".into(),
+                pw_file.into(),
+                "--mosquitto-passwd-file".into(),
+                passwd.clone().into(),
+            ],
+            Broker::Embedded => {
+                panic!("Broker::Embedded: `outpost-server serve` has no embedded broker yet")
+            }
+        };
+        let mut server = Command::new(&bins.server)
+            .arg("serve")
+            .arg("--data")
+            .arg(&data)
+            .arg("--import-repo")
+            .arg(&repo)
+            .args(broker_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("outpost-server runs");
+        log.follow("server", server.stderr.take().unwrap());
+        let mut stdout = std::io::BufReader::new(server.stdout.take().unwrap());
+        let mut first = String::new();
+        let _ = stdout.read_line(&mut first);
+        let Some(url) = first.trim().strip_prefix("outpost-server: ") else {
+            let _ = server.kill();
+            log.dump(50);
+            panic!("outpost-server serve did not print its address: {first:?}");
+        };
+        let url = url.to_owned();
+        log.follow("server", stdout);
+        let token = std::fs::read_to_string(data.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let admin = ApiClient::new(&url, &token);
+        let broker = match kind {
+            Broker::Mosquitto => {
+                BrokerProc::Mosquitto(Mosquitto::start(dir.path(), broker_port, &passwd, &log))
+            }
+            Broker::Embedded => unreachable!("refused above"),
+        };
+        let fleet = Fleet {
+            bins,
+            dir,
+            repo,
+            data,
+            url,
+            token,
+            admin,
+            broker_port,
+            server_password,
+            broker,
+            log,
+            server,
+        };
+        fleet.wait_broker_connected();
+        (fleet, v1)
+    }
+
+    pub fn wait_broker_connected(&self) {
+        wait_for("the server to connect to the broker", WAIT, || {
+            let h = self.admin.get("/api/v1/health").ok()?;
+            (h["broker"] == "connected").then_some(())
+        });
+    }
+
+    pub fn server_pid(&self) -> u32 {
+        self.server.id()
+    }
+
+    /// `outpostctl` against this server; panics with its output unless it succeeds.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        ctl_ok(&self.bins, args, Some((&self.url, &self.token)))
+    }
+
+    /// `outpostctl release sign` of a fixture model as `version` of [`MODEL`].
+    pub fn sign(&self, file: &str, version: &str) -> Target {
+        sign(&self.bins, &self.repo, file, version)
+    }
+
+    /// `outpostctl release push`.
+    pub fn push(&self, t: &Target) {
+        let repo = self.repo.to_str().unwrap();
+        self.ctl(&[
+            "release",
+            "push",
+            "--repo",
+            repo,
+            "--model",
+            MODEL,
+            "--version",
+            &t.version,
+        ]);
+    }
+
+    /// `outpostctl assign --device ...`; returns each device's new counter.
+    pub fn assign(&self, t: &Target, devices: &[&str]) -> BTreeMap<String, u64> {
+        let mut args = vec!["assign", "--model", MODEL, "--version", &t.version];
+        for d in devices {
+            args.extend(["--device", d]);
+        }
+        let out = self.ctl(&args);
+        let mut counters = BTreeMap::new();
+        for line in out.lines() {
+            // "assigned digits 1.1 to pi-7 (counter 1)"
+            let Some(rest) = line.split(" to ").nth(1) else {
+                continue;
+            };
+            let Some((dev, counter)) = rest.split_once(" (counter ") else {
+                continue;
+            };
+            let counter = counter.trim_end_matches(')').parse().unwrap();
+            counters.insert(dev.to_owned(), counter);
+        }
+        assert_eq!(counters.len(), devices.len(), "assign printed: {out}");
+        counters
+    }
+
+    /// `outpostctl devices add` and `devices bundle` for each id, `tune` applied to each
+    /// bundle's agent.toml, then one broker reload.
+    pub fn add_devices(&self, ids: &[&str], tune: impl Fn(&mut AgentConfig)) -> Vec<Device> {
+        let devices = ids
+            .iter()
+            .map(|id| {
+                self.ctl(&["devices", "add", "--id", id, "--tag", "site=e2e"]);
+                let root = self.dir.path().join("devices").join(id);
+                let bundle = root.join("bundle");
+                let data = root.join("data");
+                self.ctl(&[
+                    "devices",
+                    "bundle",
+                    "--id",
+                    id,
+                    "--out",
+                    bundle.to_str().unwrap(),
+                    "--broker-url",
+                    &format!("mqtt://127.0.0.1:{}", self.broker_port),
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                ]);
+                let config = bundle.join("agent.toml");
+                let mut cfg =
+                    AgentConfig::from_toml(&std::fs::read_to_string(&config).unwrap()).unwrap();
+                // Tests need fast reconnects and short probation.
+                cfg.broker.max_backoff_secs = 2;
+                cfg.update.probation_secs = 1;
+                tune(&mut cfg);
+                cfg.validate().unwrap();
+                std::fs::write(&config, cfg.to_toml()).unwrap();
+                Device {
+                    id: (*id).to_owned(),
+                    bundle,
+                    data,
+                    config,
+                    chunk_len: 1024,
+                    bin: self.bins.agent.clone(),
+                    log: self.log.clone(),
+                    child: None,
+                }
+            })
+            .collect();
+        self.broker.reload();
+        devices
+    }
+
+    /// The server's view of a device (`GET /api/v1/devices/{id}`).
+    pub fn device(&self, id: &str) -> serde_json::Value {
+        self.admin
+            .get(&format!("/api/v1/devices/{id}"))
+            .unwrap_or_else(|e| panic!("GET device {id}: {e}"))
+    }
+
+    /// Waits until the server sees `id` running `t`, committed, after an assignment with
+    /// at least `counter`; returns the device's last status report.
+    pub fn wait_converged(&self, id: &str, t: &Target, counter: u64) -> serde_json::Value {
+        wait_for(&format!("{id} to commit {}", t.path), WAIT, || {
+            let d = self.device(id);
+            let s = &d["status"];
+            let slot = &s["models"][MODEL];
+            (slot["active_sha256"] == t.sha256.as_str()
+                && slot["active"] == t.path.as_str()
+                && s["update"]["state"] == "committed"
+                && s["assignment_counter"].as_u64() >= Some(counter))
+            .then(|| s.clone())
+        })
+    }
+
+    /// Waits until the server sees `id` report a failure of `kind` (one of `kinds`) while
+    /// its update machine rests; returns the status report.
+    pub fn wait_failure(&self, id: &str, kinds: &[&str]) -> serde_json::Value {
+        wait_for(&format!("{id} to report a {kinds:?} failure"), WAIT, || {
+            let d = self.device(id);
+            let s = &d["status"];
+            let kind = s["last_error"]["kind"].as_str()?;
+            (kinds.contains(&kind) && s["update"]["state"] == "failed").then(|| s.clone())
+        })
+    }
+
+    /// Every telemetry record the server stored for `id`, in sequence order.
+    pub fn telemetry(&self, id: &str) -> Vec<serde_json::Value> {
+        let mut out: Vec<serde_json::Value> = Vec::new();
+        loop {
+            let after = out.last().map_or(0, |r| r["seq"].as_u64().unwrap());
+            let page = self
+                .admin
+                .get(&format!(
+                    "/api/v1/devices/{id}/telemetry?after={after}&limit=1000"
+                ))
+                .unwrap();
+            let records = page["records"].as_array().unwrap().clone();
+            if records.is_empty() {
+                return out;
+            }
+            out.extend(records);
+        }
+    }
+
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.data.join("artifacts")
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.log.dump(150);
+        }
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+fn ctl_ok(bins: &Bins, args: &[&str], server: Option<(&str, &str)>) -> String {
+    let mut cmd = Command::new(&bins.ctl);
+    cmd.args(args).env_remove("OUTPOST_KEY_PASSPHRASE");
+    if let Some((url, token)) = server {
+        cmd.env("OUTPOST_SERVER", url).env("OUTPOST_TOKEN", token);
+    }
+    let o: Output = cmd.output().expect("outpostctl runs");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "outpostctl {args:?}: {out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+fn sign(bins: &Bins, repo: &Path, file: &str, version: &str) -> Target {
+    let model = fixtures().join(file);
+    ctl_ok(
+        bins,
+        &[
+            "release",
+            "sign",
+            model.to_str().unwrap(),
+            "--repo",
+            repo.to_str().unwrap(),
+            "--model",
+            MODEL,
+            "--version",
+            version,
+        ],
+        None,
+    );
+    let bytes = std::fs::read(&model).unwrap();
+    Target {
+        version: version.to_owned(),
+        path: format!("{MODEL}/{version}/{file}"),
+        sha256: sha256_hex(&bytes),
+        length: bytes.len() as u64,
+    }
+}
+
+// ------------------------------------------------------------------ devices
+
+/// One device: its bundle, data directory and (when running) its `outpost-agent run`.
+pub struct Device {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub data: PathBuf,
+    pub config: PathBuf,
+    /// `run --chunk-len`.
+    pub chunk_len: u32,
+    bin: PathBuf,
+    log: Log,
+    child: Option<Child>,
+}
+
+impl Device {
+    /// Starts `outpost-agent run --config BUNDLE/agent.toml`.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} runs already", self.id);
+        let mut child = Command::new(&self.bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--chunk-len")
+            .arg(self.chunk_len.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("outpost-agent runs");
+        self.log.follow(&self.id, child.stderr.take().unwrap());
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("the agent runs");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM: a clean shutdown (exit 0).
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("the agent runs");
+        signal(child.id(), "TERM");
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{} stopped with {status}", self.id);
+    }
+
+    /// The persisted update state, as `outpost-agent status` prints it (same function,
+    /// in-process, so that it can be polled every millisecond).
+    pub fn status(&self) -> Result<serde_json::Value, String> {
+        outpost_agent::update::daemon::status_json(&self.config).map_err(|e| format!("{e:#}"))
+    }
+
+    /// The persisted update state's name (`idle`, `verifying`, ...).
+    pub fn phase(&self) -> Result<String, String> {
+        let s = self.status()?;
+        Ok(s["state"]["state"].as_str().unwrap_or("?").to_owned())
+    }
+
+    /// `outpost-agent status --config ...`, the CLI.
+    pub fn status_cli(&self) -> serde_json::Value {
+        let o = Command::new(&self.bin)
+            .arg("status")
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "outpost-agent status: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    /// Opens the stopped agent's model store as the agent does at start and checks the
+    /// active model: no pointer had to be repaired, no partial or corrupt blob was
+    /// found, and its verified bytes are one of `signed`. Returns its sha256.
+    pub fn check_store(&self, signed: &[&Target]) -> Option<String> {
+        assert!(self.child.is_none(), "the agent holds the store");
+        let store = outpost_agent::store::Store::open(&self.data).unwrap();
+        let report = store.recovery_report();
+        assert!(
+            report.repaired_slots.is_empty() && report.bad_blobs_removed.is_empty(),
+            "{}: store recovery had to repair: {report:?}",
+            self.id
+        );
+        let active = store.active(MODEL).unwrap()?;
+        let loaded = store.open_model(MODEL).unwrap();
+        let sha = sha256_hex(&loaded.bytes);
+        assert_eq!(sha, active.hash.to_hex());
+        assert!(
+            signed
+                .iter()
+                .any(|t| t.sha256 == sha && t.length == loaded.bytes.len() as u64),
+            "{}: the active model {sha} is not a signed target",
+            self.id
+        );
+        Some(sha)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+// ------------------------------------------------------------------ MQTT probe
+
+/// What a probe client saw.
+#[derive(Debug)]
+pub enum ProbeEvent {
+    SubAck(Vec<rumqttc::SubscribeReasonCode>),
+    Publish(rumqttc::Publish),
+    PubAck,
+}
+
+/// A plain MQTT client with someone's credentials (an attacker holding a device's
+/// bundle, or the server's user forging assignments).
+pub struct Probe {
+    client: rumqttc::Client,
+    events: mpsc::Receiver<ProbeEvent>,
+    backlog: Vec<ProbeEvent>,
+}
+
+impl Probe {
+    pub fn connect(port: u16, client_id: &str, user: &str, password: &str) -> Probe {
+        let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_credentials(user, password);
+        opts.set_clean_session(true);
+        opts.set_max_packet_size(300 * 1024, 300 * 1024);
+        let (client, mut conn) = rumqttc::Client::new(opts, 64);
+        let (tx, events) = mpsc::channel();
+        let (ctx, crx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                use rumqttc::{Event, Packet};
+                let ev = match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = ctx.send(Ok(()));
+                        continue;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(s))) => ProbeEvent::SubAck(s.return_codes),
+                    Ok(Event::Incoming(Packet::Publish(p))) => ProbeEvent::Publish(p),
+                    Ok(Event::Incoming(Packet::PubAck(_))) => ProbeEvent::PubAck,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        let _ = ctx.send(Err(e.to_string()));
+                        break;
+                    }
+                };
+                if tx.send(ev).is_err() {
+                    break;
+                }
+            }
+        });
+        match crx.recv_timeout(WAIT) {
+            Ok(Ok(())) => {}
+            other => panic!("{client_id} as {user} did not connect: {other:?}"),
+        }
+        Probe {
+            client,
+            events,
+            backlog: Vec::new(),
+        }
+    }
+
+    fn next(&mut self, what: &str, mut f: impl FnMut(&ProbeEvent) -> bool) -> ProbeEvent {
+        if let Some(i) = self.backlog.iter().position(&mut f) {
+            return self.backlog.remove(i);
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ev = self
+                .events
+                .recv_timeout(left)
+                .unwrap_or_else(|e| panic!("probe: no {what}: {e}"));
+            if f(&ev) {
+                return ev;
+            }
+            self.backlog.push(ev);
+        }
+    }
+
+    pub fn subscribe(&mut self, topic: &str) -> Vec<rumqttc::SubscribeReasonCode> {
+        self.client
+            .subscribe(topic, rumqttc::QoS::AtLeastOnce)
+            .unwrap();
+        match self.next("suback", |e| matches!(e, ProbeEvent::SubAck(_))) {
+            ProbeEvent::SubAck(codes) => codes,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Publishes at QoS 1 and waits for the broker's PUBACK (which Mosquitto also sends
+    /// for a publish its ACL drops).
+    pub fn publish(&mut self, topic: &str, retain: bool, payload: Vec<u8>) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
+            .unwrap();
+        self.next("puback", |e| matches!(e, ProbeEvent::PubAck));
+    }
+
+    /// Every message received so far and up to `until` returns true for one.
+    pub fn messages_until(
+        &mut self,
+        what: &str,
+        mut until: impl FnMut(&rumqttc::Publish) -> bool,
+    ) -> Vec<rumqttc::Publish> {
+        let mut seen = Vec::new();
+        loop {
+            let ev = self.next(what, |e| matches!(e, ProbeEvent::Publish(_)));
+            let ProbeEvent::Publish(p) = ev else {
+                unreachable!()
+            };
+            let done = until(&p);
+            seen.push(p);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
