@@ -32,7 +32,13 @@ fn committed_header_matches_pinned_cbindgen_output() {
     let generated = tmp.path().join("outpost.h");
     let out = Command::new("cbindgen")
         .current_dir(manifest_dir())
-        .args(["--config", "cbindgen.toml", "--crate", "outpost-sdk-c", "--output"])
+        .args([
+            "--config",
+            "cbindgen.toml",
+            "--crate",
+            "outpost-sdk-c",
+            "--output",
+        ])
         .arg(&generated)
         .arg(".")
         .output()
@@ -65,7 +71,14 @@ fn compiles(compiler: &str, std: &str, ext: &str) {
     .unwrap();
     let out = Command::new(compiler)
         .arg(format!("-std={std}"))
-        .args(["-Wall", "-Wextra", "-Werror", "-pedantic", "-fsyntax-only", "-I"])
+        .args([
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pedantic",
+            "-fsyntax-only",
+            "-I",
+        ])
         .arg(manifest_dir().join("include"))
         .arg(&src)
         .output()
