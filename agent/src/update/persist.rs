@@ -31,7 +31,8 @@ const DB_FILE: &str = "update.db";
 const PARTIAL_DIR: &str = "partial";
 const TUF_DIR: &str = "tuf";
 
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE machine (
   id INTEGER PRIMARY KEY CHECK (id = 1),
   schema INTEGER NOT NULL,
@@ -61,7 +62,8 @@ CREATE TABLE slot_targets (
   sha256 TEXT NOT NULL,
   path TEXT NOT NULL
 );
-", r"
+",
+    r"
 -- One row per (slot, model): the previous model's target path must outlive the next
 -- install (status reports name it as the revert target).
 CREATE TABLE slot_targets_v2 (
@@ -73,7 +75,8 @@ CREATE TABLE slot_targets_v2 (
 INSERT INTO slot_targets_v2 (slot, sha256, path) SELECT slot, sha256, path FROM slot_targets;
 DROP TABLE slot_targets;
 ALTER TABLE slot_targets_v2 RENAME TO slot_targets;
-"];
+",
+];
 
 /// Errors of update persistence.
 #[derive(Debug, thiserror::Error)]
@@ -469,8 +472,10 @@ mod tests {
     fn previous_target_path_survives_the_next_install() {
         let dir = tempfile::tempdir().unwrap();
         let db = UpdateDb::open(dir.path()).unwrap();
-        db.set_slot_target("digits", "aa", "digits/1.0/a.onnx").unwrap();
-        db.set_slot_target("digits", "bb", "digits/1.1/b.onnx").unwrap();
+        db.set_slot_target("digits", "aa", "digits/1.0/a.onnx")
+            .unwrap();
+        db.set_slot_target("digits", "bb", "digits/1.1/b.onnx")
+            .unwrap();
         assert_eq!(
             db.slot_target("digits", "aa").unwrap().as_deref(),
             Some("digits/1.0/a.onnx")
