@@ -14,6 +14,10 @@ use outpost_server::keys::SealCost;
 use outpost_server::repo::{Expiries, InitOptions, Repo, RootRotation};
 use outpost_server::server::client::{ApiClient, push_release};
 
+// Not under src/bin/ directly: cargo would take it for a binary.
+#[path = "outpostctl/device_target.rs"]
+mod device_target;
+
 #[derive(Parser)]
 #[command(
     name = "outpostctl",
@@ -119,6 +123,18 @@ enum DevicesCmd {
         /// The agent's data directory on the device.
         #[arg(long)]
         data_dir: Option<String>,
+        /// Also put the agent binary for this Linux device target (e.g.
+        /// aarch64-unknown-linux-gnu) and a systemd unit into the bundle.
+        #[arg(long)]
+        target: Option<String>,
+        /// The agent binary for --target (default: where `targets/build.sh TRIPLE` writes
+        /// it, $OUTPOST_CROSS_TARGET_DIR/dist/TRIPLE/outpost-agent).
+        #[arg(long, requires = "target")]
+        agent_bin: Option<PathBuf>,
+        /// Where the bundle directory is copied on the device, for the systemd unit
+        /// [default: /opt/outpost].
+        #[arg(long, requires = "target")]
+        install_dir: Option<String>,
     },
     /// List devices and their state.
     List {
@@ -251,6 +267,27 @@ fn write_file(path: &std::path::Path, bytes: &[u8], mode: u32) -> anyhow::Result
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The agent binary for a device target, checked to run there.
+fn target_agent(
+    triple: &str,
+    agent_bin: Option<PathBuf>,
+) -> anyhow::Result<(device_target::DeviceTarget, Vec<u8>)> {
+    let target = device_target::DeviceTarget::parse(triple)?;
+    let path = agent_bin
+        .unwrap_or_else(|| target.default_agent_bin(std::env::var_os("OUTPOST_CROSS_TARGET_DIR")));
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "reading the agent binary {} (build it with targets/build.sh {triple}, or pass --agent-bin)",
+            path.display()
+        )
+    })?;
+    let header = &bytes[..bytes.len().min(device_target::ELF_HEADER_LEN)];
+    target
+        .check_agent_binary(header)
+        .with_context(|| path.display().to_string())?;
+    Ok((target, bytes))
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Release(ReleaseCmd::Push {
@@ -303,7 +340,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             broker_url,
             data_dir,
+            target,
+            agent_bin,
+            install_dir,
         }) => {
+            // Checked before the server rotates the device's password.
+            let device_files = match &target {
+                Some(triple) => Some(target_agent(triple, agent_bin)?),
+                None => None,
+            };
             let r = server.client()?.post(
                 &format!("/api/v1/devices/{id}/bundle"),
                 &serde_json::json!({"broker_url": broker_url, "data_dir": data_dir}),
@@ -329,6 +374,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 field("root_json")?.as_bytes(),
                 0o644,
             )?;
+            if let Some((triple, agent)) = device_files {
+                let config =
+                    outpost_protocol::bundle::AgentConfig::from_toml(&field("agent_toml")?)
+                        .context("the server's agent.toml")?;
+                let data_dir = config.data_dir.to_str().context("data_dir is not UTF-8")?;
+                let install_dir = install_dir.as_deref().unwrap_or("/opt/outpost");
+                let unit = device_target::systemd_unit(install_dir, data_dir)?;
+                write_file(&out.join("outpost-agent"), &agent, 0o755)?;
+                write_file(&out.join("outpost-agent.service"), unit.as_bytes(), 0o644)?;
+                println!(
+                    "added the {} agent and outpost-agent.service: copy {} to {install_dir} on the device",
+                    triple.triple(),
+                    out.display()
+                );
+            }
             println!(
                 "wrote bundle for {id} to {} (new credentials)",
                 out.display()
