@@ -168,8 +168,8 @@ fn run(args: RunArgs) -> anyhow::Result<String> {
     stop.store(true, Ordering::Relaxed);
     if let Some(stats) = traffic_thread.and_then(|h| h.join().ok()) {
         eprintln!(
-            "outpost-agent: simulated app: {} inferences, {} errors, {} labels",
-            stats.inferences, stats.errors, stats.labels
+            "outpost-agent: simulated app: {} inferences, {} errors, {} labels ({} correct)",
+            stats.inferences, stats.errors, stats.labels, stats.correct
         );
     }
     rt.shutdown_timeout(std::time::Duration::from_secs(5));

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::Args;
+use outpost_agent::monitor::labels::LabelOutcome;
 use outpost_agent::npy;
 use outpost_agent::runtime::HostTensor;
 use outpost_agent::{Agent, AgentError};
@@ -47,6 +48,8 @@ pub struct Traffic {
     labels: Option<Vec<u32>>,
     period: Duration,
     share: f64,
+    /// First row: devices started together should not all see the same inputs.
+    start: usize,
 }
 
 /// What the simulation did (printed when the daemon stops).
@@ -58,6 +61,8 @@ pub struct TrafficStats {
     pub errors: u64,
     /// Labels reported.
     pub labels: u64,
+    /// Of those, joined to a prediction that matched.
+    pub correct: u64,
 }
 
 /// Splits a tensor along its first axis.
@@ -124,6 +129,7 @@ impl Traffic {
             labels,
             period: Duration::from_secs_f64(1.0 / args.simulate_rate),
             share: args.simulate_label_share,
+            start: std::process::id() as usize,
         }))
     }
 
@@ -146,7 +152,7 @@ impl Traffic {
         let mut looked = None::<Instant>;
         let mut label_credit = 0.0;
         let mut next = Instant::now();
-        let mut i = 0usize;
+        let mut i = self.start % self.rows.len();
         while !stop.load(Ordering::Relaxed) {
             if target.is_none() && looked.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 looked = Some(Instant::now());
@@ -162,14 +168,18 @@ impl Traffic {
                             && label_credit >= 1.0
                         {
                             label_credit -= 1.0;
-                            agent.report_label(inf.prediction_id, labels[i % labels.len()]);
+                            let outcome =
+                                agent.report_label(inf.prediction_id, labels[i % labels.len()]);
                             stats.labels += 1;
+                            if outcome == (LabelOutcome::Joined { correct: true }) {
+                                stats.correct += 1;
+                            }
                         }
                     }
                     Err(AgentError::UnknownModel { .. }) => target = None,
                     Err(_) => stats.errors += 1,
                 }
-                i += 1;
+                i = (i + 1) % self.rows.len();
             }
             next += self.period;
             let now = Instant::now();
@@ -313,6 +323,43 @@ mod tests {
         assert_eq!(stats.errors, 0);
         assert!(stats.inferences >= 40, "{stats:?}");
         assert_eq!(stats.labels, stats.inferences / 4, "{stats:?}");
+    }
+
+    #[test]
+    fn labels_belong_to_the_rows_that_were_inferred() {
+        let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+        let dir = tempfile::tempdir().unwrap();
+        let agent =
+            Arc::new(Agent::open(outpost_agent::AgentConfig::new(dir.path(), "sim")).unwrap());
+        let release =
+            ModelRelease::from_json(&std::fs::read(fx.join("cnn_a.release.json")).unwrap())
+                .unwrap();
+        agent
+            .install(&std::fs::read(fx.join("cnn_a.onnx")).unwrap(), release)
+            .unwrap();
+        let mut traffic = Traffic::load(&SimulateArgs {
+            simulate_inputs: Some(fx.join("heldout_image.npy")),
+            simulate_labels: Some(fx.join("heldout_labels.npy")),
+            simulate_rate: 5000.0,
+            simulate_label_share: 1.0,
+        })
+        .unwrap()
+        .unwrap();
+        traffic.start = 7;
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = traffic.spawn(agent.clone(), stop.clone());
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while agent.status().unwrap()[0].counts.inferences < 360 {
+            assert!(Instant::now() < deadline, "too slow");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let stats = handle.join().unwrap();
+        // The held-out accuracy of cnn_a is 98.3% (index.json); shifted labels would
+        // score near chance (10%).
+        let accuracy = stats.correct as f64 / stats.labels as f64;
+        assert!(stats.labels >= 360, "{stats:?}");
+        assert!((0.95..1.0).contains(&accuracy), "{accuracy} {stats:?}");
     }
 
     #[test]
