@@ -5,5 +5,5 @@
 
 mod support;
 
+mod demo;
 mod fleet_install;
-mod trust_demo;

@@ -9,7 +9,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use outpost_server::demo::{DEFAULT_FIXTURES, DemoOptions, run_demo};
+use outpost_server::demo::{
+    DEFAULT_FIXTURES, DEFAULT_MOSQUITTO_CONFIG, DemoBroker, DemoOptions, DemoPart, run_demo,
+};
 use outpost_server::server::repository::OnlineExpiries;
 use outpost_server::server::{BrokerClient, BrokerLink, ServeConfig};
 
@@ -24,16 +26,48 @@ struct Cli {
 enum Command {
     /// Run the fleet server: REST API, image repository, director, MQTT link.
     Serve(ServeArgs),
-    /// Run the end-to-end demo in a temporary directory: operator signs releases, a
-    /// device fetches, verifies and runs a model, and attacks are refused.
-    Demo {
-        /// Model fixtures directory (tests/fixtures/models of a source checkout).
-        #[arg(long, default_value = DEFAULT_FIXTURES)]
-        fixtures: PathBuf,
-        /// Keep the demo's files in this directory instead of a temporary one.
-        #[arg(long)]
-        keep: Option<PathBuf>,
-    },
+    /// Run the end-to-end demo in a temporary directory: a server and several agents
+    /// with simulated traffic, a rollout by full model and one by delta, a summary of
+    /// bytes, telemetry and accuracy proxies; then the trust checks (attacks refused).
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Which part: all (fleet, then trust), fleet, trust.
+    #[arg(value_enum, default_value = "all")]
+    part: PartArg,
+    /// Model fixtures directory (tests/fixtures/models of a source checkout).
+    #[arg(long, default_value = DEFAULT_FIXTURES)]
+    fixtures: PathBuf,
+    /// Keep the demo's files in this directory instead of a temporary one.
+    #[arg(long)]
+    keep: Option<PathBuf>,
+    /// Devices (agent processes) in the fleet part.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=50))]
+    devices: u16,
+    /// Simulated inferences per second per device.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Longest wait for any one step, in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+    /// The fleet part's broker: the embedded one, or Mosquitto with docs/mosquitto/.
+    #[arg(long, value_enum, default_value = "embedded")]
+    broker: BrokerArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PartArg {
+    All,
+    Fleet,
+    Trust,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BrokerArg {
+    Embedded,
+    Mosquitto,
 }
 
 #[derive(clap::Args)]
@@ -134,11 +168,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Demo { fixtures, keep } => {
-            let opts = DemoOptions {
-                fixtures,
-                work_dir: keep,
-                agent_bin_dir: None,
+        Command::Demo(args) => {
+            let mut opts = DemoOptions::new(args.fixtures);
+            opts.work_dir = args.keep;
+            opts.part = match args.part {
+                PartArg::All => DemoPart::All,
+                PartArg::Fleet => DemoPart::Fleet,
+                PartArg::Trust => DemoPart::Trust,
+            };
+            opts.devices = usize::from(args.devices);
+            opts.rate = args.rate;
+            opts.timeout = std::time::Duration::from_secs(args.timeout_secs);
+            opts.broker = match args.broker {
+                BrokerArg::Embedded => DemoBroker::Embedded,
+                BrokerArg::Mosquitto => DemoBroker::Mosquitto(DEFAULT_MOSQUITTO_CONFIG.into()),
             };
             match run_demo(&opts) {
                 Ok(true) => ExitCode::SUCCESS,

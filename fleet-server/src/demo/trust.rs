@@ -1,19 +1,14 @@
-//! `outpost-server demo`: the trust layer end to end, with real processes.
-//!
-//! An operator creates an image repository and signs two releases of a real model; the
-//! repository is served over HTTP on loopback; a device (the real `outpost-tuf-client`
-//! process, then `outpost-agent infer`) fetches, verifies and runs the model; the
-//! director assigns it; then the demo plays the attacks TUF and the director stop and
-//! checks that each one is refused. Exit status 0 only when every expectation held.
-//!
-//! This grows into the fleet demo (server, broker, agents, a rollout) with the fleet
-//! channel; the trust steps stay.
+//! The trust part of the demo: an operator creates an image repository and signs two
+//! releases of a real model; the repository is served over HTTP on loopback; a device
+//! (the real `outpost-tuf-client` process, then `outpost-agent infer`) fetches, verifies
+//! and runs the model; the director assigns it; then the attacks TUF and the director
+//! stop are played and each one must be refused.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use outpost_protocol::director::{self, Assignment, CounterState, SlotTarget};
 use outpost_protocol::release::ModelRelease;
 use outpost_protocol::tuf::metadata::{Envelope, Timestamp};
@@ -21,82 +16,10 @@ use outpost_protocol::tuf::{
     FetchError, MetadataStore, Remote, StoreError, Updater, UpdaterConfig, UtcTime,
 };
 
+use super::{Report, now};
 use crate::keys::SealCost;
 use crate::repo::{Expiries, InitOptions, Repo};
 use crate::static_http::StaticServer;
-
-/// Where the committed model fixtures live in a source checkout.
-pub const DEFAULT_FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/models");
-
-/// Options of the demo.
-#[derive(Debug, Clone)]
-pub struct DemoOptions {
-    /// Directory with `cnn_a.onnx`, `cnn_a_ft.onnx`, their `.release.json` and
-    /// `sample_image_0.npy`.
-    pub fixtures: PathBuf,
-    /// Work directory; a temporary one (removed at the end) when `None`.
-    pub work_dir: Option<PathBuf>,
-    /// Directory holding `outpost-agent` and `outpost-tuf-client`; default: next to this
-    /// executable, built with the running cargo when missing.
-    pub agent_bin_dir: Option<PathBuf>,
-}
-
-struct Report {
-    checks: Vec<(String, bool)>,
-}
-
-impl Report {
-    fn check(&mut self, what: &str, ok: bool, detail: &str) {
-        let mark = if ok { "ok  " } else { "FAIL" };
-        if detail.is_empty() {
-            println!("  [{mark}] {what}");
-        } else {
-            println!("  [{mark}] {what}: {detail}");
-        }
-        self.checks.push((what.to_owned(), ok));
-    }
-}
-
-fn now() -> UtcTime {
-    UtcTime::from_system_time(std::time::SystemTime::now())
-}
-
-/// Finds a sibling binary of this executable (same cargo profile directory), building the
-/// agent package with the cargo that runs us when it is missing.
-fn agent_binary(name: &str, bin_dir: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(dir) = bin_dir {
-        let path = dir.join(name);
-        if !path.exists() {
-            bail!(
-                "{} not found; build it: cargo build -p outpost-agent",
-                path.display()
-            );
-        }
-        return Ok(path);
-    }
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let dir = exe.parent().context("executable has no directory")?;
-    let path = dir.join(name);
-    if path.exists() {
-        return Ok(path);
-    }
-    let cargo = std::env::var_os("CARGO").context(format!(
-        "{} not found; build it first: cargo build --release -p outpost-agent",
-        path.display()
-    ))?;
-    println!("building the agent binaries (cargo build -p outpost-agent) ...");
-    let release = dir.file_name().is_some_and(|n| n == "release");
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "outpost-agent", "--bins"]);
-    if release {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().context("running cargo")?;
-    if !status.success() || !path.exists() {
-        bail!("could not build {}", path.display());
-    }
-    Ok(path)
-}
 
 struct Run {
     ok: bool,
@@ -196,34 +119,17 @@ fn verify_for(
     )
 }
 
-/// Runs the demo. Returns `Ok(true)` when every check passed.
-pub fn run_demo(opts: &DemoOptions) -> anyhow::Result<bool> {
-    let tmp;
-    let work = match &opts.work_dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            tmp = TempDir::new()?;
-            tmp.path.clone()
-        }
-    };
-    let fx = &opts.fixtures;
-    for f in ["cnn_a.onnx", "cnn_a_ft.onnx", "sample_image_0.npy"] {
-        if !fx.join(f).exists() {
-            bail!(
-                "fixture {} missing; pass --fixtures DIR (tests/fixtures/models)",
-                fx.join(f).display()
-            );
-        }
-    }
-    let bin_dir = opts.agent_bin_dir.as_deref();
-    let tuf_client = agent_binary("outpost-tuf-client", bin_dir)?;
-    let agent = agent_binary("outpost-agent", bin_dir)?;
-    let mut report = Report { checks: Vec::new() };
+/// Runs the trust checks in `work`, adding each to `report`.
+pub(super) fn run_trust(
+    work: &Path,
+    fx: &Path,
+    tuf_client: &Path,
+    agent: &Path,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(work)?;
 
-    println!("\n1. operator: create the image repository and sign two releases");
+    println!("\ntrust 1. operator: create the image repository and sign two releases");
     let repo_dir = work.join("repo");
     let repo = Repo::init(
         &repo_dir,
@@ -256,13 +162,13 @@ pub fn run_demo(opts: &DemoOptions) -> anyhow::Result<bool> {
     }
     let (old, new) = (&entries[0], &entries[1]);
 
-    println!("\n2. server: serve the repository on loopback");
+    println!("\ntrust 2. server: serve the repository on loopback");
     let server = StaticServer::start(&repo.metadata_dir(), &repo.targets_dir())?;
     let (meta_url, targets_url) = (server.metadata_url(), server.targets_url());
     println!("  metadata {meta_url}\n  targets  {targets_url}");
 
     println!(
-        "\n3. device-1: trust root v1, refresh, download {}, run it",
+        "\ntrust 3. device-1: trust root v1, refresh, download {}, run it",
         new.path
     );
     let dev = work.join("device-1");
@@ -272,7 +178,7 @@ pub fn run_demo(opts: &DemoOptions) -> anyhow::Result<bool> {
     let client = |meta: &Path, args: &[&str]| -> anyhow::Result<Run> {
         let mut all = vec!["--metadata-dir", meta.to_str().context("utf-8 path")?];
         all.extend_from_slice(args);
-        run(&tuf_client, &all)
+        run(tuf_client, &all)
     };
     let download = |meta: &Path, target_dir: &Path, path: &str| -> anyhow::Result<Run> {
         std::fs::create_dir_all(target_dir)?;
@@ -311,7 +217,7 @@ pub fn run_demo(opts: &DemoOptions) -> anyhow::Result<bool> {
 
     let sample = fx.join("sample_image_0.npy");
     let r = run(
-        &agent,
+        agent,
         &[
             "infer",
             "--model",
@@ -349,7 +255,7 @@ pub fn run_demo(opts: &DemoOptions) -> anyhow::Result<bool> {
         ),
     }
 
-    println!("\n4. director: assign releases per device (Uptane split)");
+    println!("\ntrust 4. director: assign releases per device (Uptane split)");
     let root1_bytes = std::fs::read(&root1)?;
     let mut view = device_view(&root1_bytes, &repo)?;
     let director_key = repo.load_key("director")?;
@@ -416,7 +322,7 @@ pub fn run_demo(opts: &DemoOptions) -> anyhow::Result<bool> {
         "device-1",
     );
 
-    println!("\n5. attacks on the transport (a fresh device-2 and device-1 refreshing)");
+    println!("\ntrust 5. attacks on the transport (a fresh device-2 and device-1 refreshing)");
     let hashed = |e: &crate::repo::ReleaseEntry| {
         let (dir, name) = e.path.rsplit_once('/').expect("model/version/file");
         repo.targets_dir()
@@ -478,7 +384,7 @@ pub fn run_demo(opts: &DemoOptions) -> anyhow::Result<bool> {
     std::fs::write(&ts_path, &newest_ts)?;
 
     println!(
-        "\n6. operator: revoke {} {}",
+        "\ntrust 6. operator: revoke {} {}",
         old.release.model, old.release.version
     );
     repo.revoke_release(&old.release.model, &old.release.version, now())?;
@@ -508,22 +414,7 @@ pub fn run_demo(opts: &DemoOptions) -> anyhow::Result<bool> {
     );
 
     drop(server);
-    let failed: Vec<&String> = report
-        .checks
-        .iter()
-        .filter(|(_, ok)| !ok)
-        .map(|(w, _)| w)
-        .collect();
-    println!(
-        "\nsummary: {} checks, {} passed, {} failed",
-        report.checks.len(),
-        report.checks.len() - failed.len(),
-        failed.len()
-    );
-    for f in &failed {
-        println!("  failed: {f}");
-    }
-    Ok(failed.is_empty())
+    Ok(())
 }
 
 fn sample_label(fx: &Path) -> Option<i64> {
@@ -546,25 +437,4 @@ fn sample_label(fx: &Path) -> Option<i64> {
         })?
         .get("label")?
         .as_i64()
-}
-
-/// A temporary directory removed on drop (std only).
-struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    fn new() -> std::io::Result<TempDir> {
-        let mut bytes = [0u8; 8];
-        crate::keys::random_bytes(&mut bytes);
-        let path = std::env::temp_dir().join(format!("outpost-demo-{}", hex::encode(bytes)));
-        std::fs::create_dir_all(&path)?;
-        Ok(TempDir { path })
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
 }
