@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use outpost_server::demo::{
     DEFAULT_FIXTURES, DEFAULT_MOSQUITTO_CONFIG, DemoBroker, DemoOptions, DemoPart, run_demo,
 };
+use outpost_server::server::broker::{EmbeddedConfig, TlsListener};
 use outpost_server::server::repository::OnlineExpiries;
 use outpost_server::server::{BrokerClient, BrokerLink, ServeConfig};
 
@@ -22,6 +23,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the fleet server: REST API, image repository, director, MQTT link.
@@ -83,9 +86,28 @@ struct ServeArgs {
     /// HTTP listen address; the bound address is printed.
     #[arg(long, default_value = "127.0.0.1:0")]
     http: SocketAddr,
-    /// MQTT broker, mqtt://host:port. Without it the server runs REST only.
+    /// External MQTT broker (Mosquitto), mqtt://host:port. Without it the server runs
+    /// its embedded broker (see --mqtt, --mqtts).
     #[arg(long)]
     broker: Option<String>,
+    /// Embedded broker: plain MQTT device listener; the bound address is printed
+    /// (`outpost-server: mqtt://ADDR`). Passwords cross it in clear text: loopback or
+    /// a trusted network only (e.g. 0.0.0.0:1883 on a private LAN).
+    #[arg(long, default_value = "127.0.0.1:0", conflicts_with = "broker")]
+    mqtt: SocketAddr,
+    /// Embedded broker: no plain device listener (TLS only).
+    #[arg(long, conflicts_with = "broker", requires = "mqtts")]
+    no_plain_mqtt: bool,
+    /// Embedded broker: MQTT over TLS device listener, e.g. 0.0.0.0:8883; needs
+    /// --tls-cert and --tls-key. The bound address is printed (`outpost-server: mqtts://ADDR`).
+    #[arg(long, conflicts_with = "broker", requires_all = ["tls_cert", "tls_key"])]
+    mqtts: Option<SocketAddr>,
+    /// PEM certificate chain of the TLS listener (leaf first).
+    #[arg(long, requires = "mqtts")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of the TLS listener.
+    #[arg(long, requires = "mqtts")]
+    tls_key: Option<PathBuf>,
     /// The server's broker username.
     #[arg(long, default_value = "outpost-server")]
     broker_user: String,
@@ -97,6 +119,13 @@ struct ServeArgs {
     #[arg(long)]
     mosquitto_passwd_file: Option<PathBuf>,
 }
+
+/// What holds and what does not in embedded mode (docs/broker.md), said at every start.
+const EMBEDDED_LIMITS: &str = "outpost-server: embedded broker (rmqtt): device auth against \
+the device table and per-device topic ACL hold; retained assignments are kept in memory and \
+re-published from SQLite at every start; a QoS 1 message beyond a subscriber's queue of 1000 is \
+dropped (chunk windows and telemetry acks stay below it; drops are logged); one process only \
+(use --broker with Mosquitto for more)";
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let broker = match &args.broker {
@@ -118,7 +147,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 password,
             })
         }
-        None => BrokerLink::None,
+        None => BrokerLink::Embedded(EmbeddedConfig {
+            mqtt: (!args.no_plain_mqtt).then_some(args.mqtt),
+            mqtts: args.mqtts.map(|addr| TlsListener {
+                addr,
+                cert: args.tls_cert.clone().unwrap_or_default(),
+                key: args.tls_key.clone().unwrap_or_default(),
+            }),
+            server_user: args.broker_user.clone(),
+        }),
     };
     let cfg = ServeConfig {
         data_dir: args.data,
@@ -139,6 +176,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         use std::io::Write as _;
         let mut out = std::io::stdout();
         let _ = writeln!(out, "outpost-server: http://{}", server.http_addr);
+        if let Some(b) = &server.embedded {
+            if let Some(a) = b.mqtt_addr {
+                let _ = writeln!(out, "outpost-server: mqtt://{a}");
+                eprintln!(
+                    "outpost-server: embedded broker: plain MQTT devices on {a}: passwords \
+                     cross it in clear text, use it on loopback or a trusted network only; \
+                     use --mqtts (TLS) on untrusted networks"
+                );
+            }
+            if let Some(a) = b.mqtts_addr {
+                let _ = writeln!(out, "outpost-server: mqtts://{a}");
+            }
+            eprintln!("{}", EMBEDDED_LIMITS);
+        }
         if let Some(p) = &server.admin_token_file {
             let _ = writeln!(
                 out,

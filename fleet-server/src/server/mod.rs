@@ -4,8 +4,8 @@
 //!   methods taking `now` (release upload and verification, provisioning, assignment,
 //!   MQTT message handling). The async shells call it.
 //! - [`api`]: the REST API (`/api/v1`, axum) with operator bearer tokens.
-//! - [`mqtt`]: the MQTT link: the server is a client of a broker (external Mosquitto
-//!   today; an embedded broker plugs in behind [`BrokerLink`]).
+//! - [`mqtt`]: the MQTT link: the server is a client of a broker, external (Mosquitto)
+//!   or embedded ([`broker`], rmqtt, the default), chosen by [`BrokerLink`].
 //! - [`client`]: a blocking client of the REST API (`outpostctl`, tests).
 //! - [`db`], [`repository`], [`artifacts`], [`director`], [`auth`]: storage, the image
 //!   repository, content-addressed artifacts, assignment signing and credentials.
@@ -16,6 +16,7 @@
 pub mod api;
 pub mod artifacts;
 pub mod auth;
+pub mod broker;
 pub mod client;
 pub mod db;
 pub mod director;
@@ -62,6 +63,9 @@ pub enum ServerError {
     /// Metadata failed verification.
     #[error("metadata rejected: {0}")]
     Tuf(#[from] outpost_protocol::tuf::Error),
+    /// The embedded broker could not start.
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
     /// Signing an assignment failed.
     #[error("director: {0}")]
     Director(#[from] outpost_protocol::director::DirectorError),
@@ -90,6 +94,9 @@ pub enum BrokerLink {
     None,
     /// An external broker (Mosquitto): the server connects as a privileged client.
     External(BrokerClient),
+    /// The embedded broker (rmqtt) in this process; the server's client connects to it
+    /// over loopback as a superuser with credentials made at each start.
+    Embedded(broker::EmbeddedConfig),
 }
 
 /// Connection settings of the server's MQTT client.
@@ -251,6 +258,12 @@ impl Core {
             BrokerLink::External(b) => {
                 Some((b.username.clone(), auth::mosquitto_hash(&b.password)))
             }
+            // Reserves the name (no device may take it); the embedded broker's own
+            // credential is random per start and never written anywhere.
+            BrokerLink::Embedded(e) => Some((
+                e.server_user.clone(),
+                auth::mosquitto_hash(&auth::new_password()),
+            )),
             BrokerLink::None => None,
         };
         let core = Core {
@@ -929,16 +942,22 @@ pub struct RunningServer {
     pub core: Arc<Core>,
     /// The MQTT link, when a broker is configured.
     pub mqtt: Option<mqtt::MqttHandle>,
+    /// The embedded broker, in [`BrokerLink::Embedded`] mode.
+    pub embedded: Option<broker::EmbeddedBroker>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningServer {
-    /// Stops the HTTP server and the MQTT link and waits for them.
+    /// Stops the HTTP server and the MQTT link and waits for them, then the embedded
+    /// broker.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        if let Some(b) = self.embedded {
+            b.stop();
         }
     }
 }
@@ -946,6 +965,9 @@ impl RunningServer {
 fn now() -> UtcTime {
     UtcTime::from_system_time(std::time::SystemTime::now())
 }
+
+/// How long `start` waits for its client to subscribe to the embedded broker.
+const EMBEDDED_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Opens the data directory, binds HTTP, connects to the broker and starts serving.
 pub async fn start(cfg: ServeConfig) -> Result<RunningServer> {
@@ -957,11 +979,29 @@ pub async fn start(cfg: ServeConfig) -> Result<RunningServer> {
     let core = Arc::new(core);
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    let mut embedded = None;
 
     let mqtt = match &cfg.broker {
         BrokerLink::External(b) => {
             let (handle, task) = mqtt::spawn(core.clone(), b.clone(), shutdown_rx.clone());
             tasks.push(task);
+            Some(handle)
+        }
+        BrokerLink::Embedded(e) => {
+            let b = broker::EmbeddedBroker::start(e, &cfg.data_dir.join("server.db")).await?;
+            let (handle, task) = mqtt::spawn(core.clone(), b.internal.clone(), shutdown_rx.clone());
+            tasks.push(task);
+            // Devices are refused until the server's client subscribed; start serving
+            // only once they are accepted.
+            if !b.wait_ready(EMBEDDED_READY_TIMEOUT).await {
+                let _ = shutdown.send(true);
+                b.stop();
+                return Err(ServerError::Invalid(format!(
+                    "the server's client did not subscribe to the embedded broker within {}s",
+                    EMBEDDED_READY_TIMEOUT.as_secs()
+                )));
+            }
+            embedded = Some(b);
             Some(handle)
         }
         BrokerLink::None => None,
@@ -1018,6 +1058,7 @@ pub async fn start(cfg: ServeConfig) -> Result<RunningServer> {
         admin_token_file,
         core,
         mqtt,
+        embedded,
         shutdown,
         tasks,
     })
