@@ -205,7 +205,10 @@ fn telemetry(device: &str, seq: u64, payload: serde_json::Value) -> Vec<u8> {
 #[test]
 fn device_with_a_wrong_password_or_foreign_username_is_refused() {
     let s = Setup::new();
-    let srv = s.start(&[]);
+    // A Mosquitto password file may still be kept; the embedded broker needs no reload
+    // (`add_device` checks the API says so).
+    let passwd = s.dir.path().join("mosquitto.passwd");
+    let srv = s.start(&["--mosquitto-passwd-file", passwd.to_str().unwrap()]);
     let rt = runtime();
     let pw1 = srv.add_device("dev-1");
     let pw2 = srv.add_device("dev-2");
@@ -243,6 +246,11 @@ fn device_with_a_wrong_password_or_foreign_username_is_refused() {
         .unwrap();
     refused(&Device::connect(&rt, srv.mqtt.port(), "dev-2", &pw2));
     connect(&rt, &srv, "dev-2", b["credentials"].as_str().unwrap());
+    assert!(
+        std::fs::read_to_string(&passwd)
+            .unwrap()
+            .contains("\ndev-2:$7$")
+    );
 }
 
 #[test]

@@ -230,6 +230,8 @@ pub struct Core {
     repo: ImageRepo,
     artifacts: ArtifactStore,
     passwd_file: Option<PathBuf>,
+    /// The broker is embedded: it reads credentials from the database at each CONNECT.
+    embedded_broker: bool,
     server_user: Option<(String, String)>,
     /// Serializes operations that change the repository or the password file.
     write_lock: Mutex<()>,
@@ -272,6 +274,7 @@ impl Core {
             repo,
             artifacts,
             passwd_file: cfg.mosquitto_passwd_file.clone(),
+            embedded_broker: matches!(cfg.broker, BrokerLink::Embedded(_)),
             server_user,
             write_lock: Mutex::new(()),
         };
@@ -609,7 +612,7 @@ impl Core {
     /// Whether the server maintains a broker password file (which the broker must
     /// reload after a change).
     pub fn maintains_passwd_file(&self) -> bool {
-        self.passwd_file.is_some()
+        self.passwd_file.is_some() && !self.embedded_broker
     }
 
     /// Rewrites the Mosquitto password file from the database.
