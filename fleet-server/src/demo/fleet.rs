@@ -354,13 +354,27 @@ fn sign(repo: &Repo, fx: &Path, file: &str, version: &str) -> anyhow::Result<Sig
 /// Everything the demo keeps reading from the server.
 struct Watch<'a> {
     api: &'a ApiClient,
+    agents: Vec<Device>,
+    logs: PathBuf,
     started: Instant,
     shown: BTreeMap<String, String>,
     telemetry: BTreeMap<String, Vec<Value>>,
 }
 
 impl Watch<'_> {
-    fn devices(&self) -> anyhow::Result<Vec<Value>> {
+    /// The server's device list; fails when an agent process has exited.
+    fn devices(&mut self) -> anyhow::Result<Vec<Value>> {
+        for a in &mut self.agents {
+            if let Some(child) = a.proc.as_mut().and_then(|p| p.child.as_mut())
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "{} exited ({status}); see {}",
+                    a.id,
+                    self.logs.join(format!("{}.stderr.log", a.id)).display()
+                );
+            }
+        }
         let d = self.api.get("/api/v1/devices")?;
         Ok(d["devices"].as_array().cloned().unwrap_or_default())
     }
@@ -602,6 +616,8 @@ pub(super) fn run_fleet(
     );
     let mut watch = Watch {
         api: &server.api,
+        agents: devices,
+        logs: logs.clone(),
         started,
         shown: BTreeMap::new(),
         telemetry: BTreeMap::new(),
@@ -654,7 +670,7 @@ pub(super) fn run_fleet(
     let final_devices = watch.devices()?;
     watch.pull_telemetry(&ids)?;
     let mut clean = true;
-    for d in &mut devices {
+    for d in &mut watch.agents {
         let status = d
             .proc
             .as_mut()
