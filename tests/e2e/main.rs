@@ -6,4 +6,9 @@
 mod support;
 
 mod demo;
+mod fleet_acl;
+mod fleet_broker;
 mod fleet_install;
+mod fleet_kill;
+mod fleet_refusals;
+mod fleet_telemetry;

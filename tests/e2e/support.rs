@@ -181,10 +181,11 @@ pub enum BrokerProc {
 }
 
 impl BrokerProc {
-    /// Stops the broker and starts it again on the same port with the same persistence.
-    pub fn restart(&mut self) {
+    /// Stops the broker, calls `while_down`, and starts it again on the same port with
+    /// the same persistence.
+    pub fn restart(&mut self, while_down: impl FnOnce()) {
         match self {
-            BrokerProc::Mosquitto(m) => m.restart(),
+            BrokerProc::Mosquitto(m) => m.restart(while_down),
         }
     }
 
@@ -259,10 +260,11 @@ impl Mosquitto {
     }
 
     /// SIGTERM (Mosquitto saves its persistence file), then the same config again.
-    fn restart(&mut self) {
+    fn restart(&mut self, while_down: impl FnOnce()) {
         signal(self.child.id(), "TERM");
         let status = self.child.wait().unwrap();
         assert!(status.success(), "mosquitto stopped with {status}");
+        while_down();
         let mark = self.log.mark();
         self.child = Self::spawn(&self.conf, &self.log);
         self.log.wait_line(mark, "mosquitto", "running");
@@ -748,6 +750,17 @@ pub struct Probe {
 
 impl Probe {
     pub fn connect(port: u16, client_id: &str, user: &str, password: &str) -> Probe {
+        Self::try_connect(port, client_id, user, password)
+            .unwrap_or_else(|e| panic!("{client_id} as {user} did not connect: {e}"))
+    }
+
+    /// Connects, or returns why the broker refused (or dropped) the connection.
+    pub fn try_connect(
+        port: u16,
+        client_id: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<Probe, String> {
         let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
         opts.set_credentials(user, password);
         opts.set_clean_session(true);
@@ -778,13 +791,13 @@ impl Probe {
             }
         });
         match crx.recv_timeout(WAIT) {
-            Ok(Ok(())) => {}
-            other => panic!("{client_id} as {user} did not connect: {other:?}"),
-        }
-        Probe {
-            client,
-            events,
-            backlog: Vec::new(),
+            Ok(Ok(())) => Ok(Probe {
+                client,
+                events,
+                backlog: Vec::new(),
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(format!("no CONNACK: {e}")),
         }
     }
 

@@ -1,0 +1,51 @@
+//! The broker restarts in the middle of a transfer: the agent resumes from the ranges it
+//! has, nothing is fetched again from zero.
+
+use crate::support::{Broker, Fleet, MODEL, wait_for};
+
+#[test]
+fn broker_restart_mid_transfer_resumes() {
+    restart_mid_transfer_resumes(Broker::Mosquitto);
+}
+
+fn restart_mid_transfer_resumes(broker: Broker) {
+    let (mut f, v1) = Fleet::start(broker);
+    let window = 2;
+    let mut devices = f.add_devices(&["b1"], |c| c.update.chunk_window = window);
+    let dev = &mut devices[0];
+    dev.chunk_len = 64;
+    dev.start();
+    let counter = f.assign(&v1, &["b1"])["b1"];
+
+    // A quarter of the full model in: restart the broker.
+    let quarter = v1.length / 4;
+    wait_for("a quarter of the transfer", crate::support::WAIT, || {
+        let s = dev.status().ok()?;
+        let got = s["bytes_received"]["full"].as_u64().unwrap_or(0);
+        (s["state"]["state"] == "fetching" && got >= quarter).then_some(())
+    });
+    let mut at_restart = 0;
+    f.broker.restart(|| {
+        let s = dev.status().unwrap();
+        at_restart = s["bytes_received"]["full"].as_u64().unwrap_or(0);
+        assert_eq!(
+            s["state"]["state"], "fetching",
+            "the transfer ended before the broker stopped: {s}"
+        );
+        assert!(at_restart < v1.length, "{s}");
+    });
+    f.wait_broker_connected();
+
+    let s = f.wait_converged("b1", &v1, counter);
+    let full = s["bytes_received"]["full"].as_u64().unwrap();
+    // Chunks are written once: at most the requests in flight at the restart again.
+    assert!(
+        full <= v1.length + u64::from(window) * u64::from(dev.chunk_len),
+        "{full} bytes received for a {} byte model (restart at {at_restart})",
+        v1.length
+    );
+    assert!(full < 2 * v1.length);
+    assert_eq!(s["models"][MODEL]["active_sha256"], v1.sha256.as_str());
+    dev.stop();
+    assert_eq!(dev.check_store(&[&v1]).as_deref(), Some(v1.sha256.as_str()));
+}
