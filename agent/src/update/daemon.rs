@@ -92,6 +92,44 @@ pub fn status_json(config: &Path) -> anyhow::Result<serde_json::Value> {
 /// CONNACK if it failed for lack of a connection.
 type Outcome = (Option<Action>, Event);
 
+/// What [`run_with`] reports to its observer, on the thread driving the daemon's
+/// future, after the transition was persisted.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum UpdateEvent {
+    /// The update machine entered `phase` (reported once per change of phase or slot;
+    /// on start, the recovered phase).
+    Phase(Phase),
+    /// `done` of `total` bytes of the artifact fetched for `slot`. Reported on entering
+    /// [`Phase::Fetching`], as chunks arrive (at most twice a second), and with
+    /// `done == total` once the artifact is complete.
+    Progress {
+        /// The model slot.
+        slot: String,
+        /// Bytes held.
+        done: u64,
+        /// Artifact length.
+        total: u64,
+    },
+}
+
+/// Options of [`run_with`]: the fleet link of an agent the caller opened itself (the C
+/// SDK).
+#[derive(Debug, Clone)]
+pub struct EmbedOptions {
+    /// The parsed `agent.toml` (its `data_dir` is ignored: the agent's is used).
+    pub bundle: Bundle,
+    /// Directory that relative paths in the bundle (trust root, password file) resolve
+    /// against.
+    pub base_dir: PathBuf,
+    /// The agent's data directory (the update state lives in `update.db` there).
+    pub data_dir: PathBuf,
+    /// Chunk length to request (at most [`wire::CHUNK_LEN`]).
+    pub chunk_len: u32,
+}
+
+type Observer = Box<dyn Fn(&UpdateEvent) + Send + Sync>;
+
 struct Daemon {
     bundle: Bundle,
     agent: Arc<Agent>,
@@ -108,6 +146,9 @@ struct Daemon {
     retry_on_connect: Vec<Action>,
     telemetry_inflight: Option<(u64, Instant)>,
     work_tx: mpsc::UnboundedSender<Outcome>,
+    observer: Option<Observer>,
+    observed_phase: Option<(&'static str, Option<String>)>,
+    observed_progress: Option<(String, u64, u64)>,
 }
 
 /// Runs the daemon until `shutdown` resolves.
@@ -140,10 +181,60 @@ pub async fn run_with_agent(
         .context("opening the data directory")?;
     let agent = Arc::new(agent);
     on_open(&agent);
-    let db = Arc::new(UpdateDb::open(&data)?);
+    drive(
+        bundle,
+        &dir,
+        &data,
+        agent,
+        opts.chunk_len,
+        None,
+        shutdown,
+        true,
+    )
+    .await
+}
+
+/// The daemon over an agent the caller opened and keeps using (inference, local
+/// installs) while it runs: the C SDK's fleet link. `observer` sees every update
+/// phase and fetch progress ([`UpdateEvent`]) synchronously on the thread polling this
+/// future; it must return quickly. Runs until `shutdown` resolves, then disconnects; the
+/// agent is left open (its windows are not flushed). Blocking steps (metadata refresh,
+/// reconstruction, the validation gate) run on the runtime's blocking pool, and the link
+/// spawns its event loop on the current runtime, which needs its I/O and time drivers.
+pub async fn run_with(
+    opts: EmbedOptions,
+    agent: Arc<Agent>,
+    observer: impl Fn(&UpdateEvent) + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    drive(
+        opts.bundle,
+        &opts.base_dir,
+        &opts.data_dir,
+        agent,
+        opts.chunk_len,
+        Some(Box::new(observer)),
+        shutdown,
+        false,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    bundle: Bundle,
+    dir: &Path,
+    data: &Path,
+    agent: Arc<Agent>,
+    chunk_len: u32,
+    observer: Option<Observer>,
+    shutdown: impl std::future::Future<Output = ()>,
+    close_agent: bool,
+) -> anyhow::Result<()> {
+    let db = Arc::new(UpdateDb::open(data)?);
     let mut meta = db.metadata_store();
     if meta.load("root").is_none() {
-        let root_path = Bundle::resolve(&dir, &bundle.trust.root);
+        let root_path = Bundle::resolve(dir, &bundle.trust.root);
         let root = std::fs::read(&root_path)
             .with_context(|| format!("reading the trust anchor {}", root_path.display()))?;
         meta.save("root", &root)
@@ -153,7 +244,7 @@ pub async fn run_with_agent(
     if tls {
         bail!("mqtts:// is not supported by this build yet (no TLS provider)");
     }
-    let pw_path = Bundle::resolve(&dir, &bundle.broker.password_file);
+    let pw_path = Bundle::resolve(dir, &bundle.broker.password_file);
     let password = std::fs::read_to_string(&pw_path)
         .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
         .unwrap_or_default();
@@ -175,7 +266,7 @@ pub async fn run_with_agent(
         db,
         link,
         machine,
-        chunk_len: opts.chunk_len.clamp(1, wire::CHUNK_LEN),
+        chunk_len: chunk_len.clamp(1, wire::CHUNK_LEN),
         origin: Instant::now(),
         assignment: None,
         assignment_waiting: false,
@@ -184,6 +275,9 @@ pub async fn run_with_agent(
         retry_on_connect: Vec::new(),
         telemetry_inflight: None,
         work_tx,
+        observer,
+        observed_phase: None,
+        observed_progress: None,
     };
     d.recover()?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -202,8 +296,10 @@ pub async fn run_with_agent(
             _ = upload.tick() => d.upload().await,
         }
     }
-    let agent = d.agent.clone();
-    let _ = tokio::task::spawn_blocking(move || agent.close()).await;
+    if close_agent {
+        let agent = d.agent.clone();
+        let _ = tokio::task::spawn_blocking(move || agent.close()).await;
+    }
     d.link.disconnect().await;
     Ok(())
 }
@@ -240,11 +336,63 @@ impl Daemon {
         for action in actions {
             self.perform(action, counter.as_ref())?;
         }
+        self.notify();
         if self.machine.phase.is_resting() && self.assignment_waiting {
             self.assignment_waiting = false;
             self.feed(Event::AssignmentReceived)?;
         }
         Ok(())
+    }
+
+    /// Reports a changed phase or fetch progress to the observer (after the actions of
+    /// the transition ran, so after it was persisted).
+    fn notify(&mut self) {
+        let Some(observer) = &self.observer else {
+            return;
+        };
+        let phase = &self.machine.phase;
+        let key = (phase.name(), phase.job().map(|j| j.slot.clone()));
+        let changed = self.observed_phase.as_ref() != Some(&key);
+        let progress = match phase {
+            Phase::Fetching {
+                job,
+                artifact,
+                received,
+                ..
+            } => Some((
+                job.slot.clone(),
+                (*received).min(artifact.length),
+                artifact.length,
+            )),
+            Phase::Reconstructing { job, artifact, .. } => {
+                Some((job.slot.clone(), artifact.length, artifact.length))
+            }
+            _ => None,
+        };
+        // A completed fetch reports its last bytes before the phase that consumes them.
+        let progress_first = matches!(phase, Phase::Reconstructing { .. });
+        let report_progress = |seen: &mut Option<(String, u64, u64)>| {
+            if let Some(p) = progress.clone()
+                && seen.as_ref() != Some(&p)
+            {
+                observer(&UpdateEvent::Progress {
+                    slot: p.0.clone(),
+                    done: p.1,
+                    total: p.2,
+                });
+                *seen = Some(p);
+            }
+        };
+        if progress_first {
+            report_progress(&mut self.observed_progress);
+        }
+        if changed {
+            observer(&UpdateEvent::Phase(phase.clone()));
+            self.observed_phase = Some(key);
+        }
+        if !progress_first {
+            report_progress(&mut self.observed_progress);
+        }
     }
 
     fn perform(

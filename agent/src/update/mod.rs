@@ -9,4 +9,5 @@ pub mod daemon;
 pub mod machine;
 pub mod persist;
 
+pub use daemon::{EmbedOptions, UpdateEvent, run_with};
 pub use machine::{Action, Event, Facts, Failure, FailureKind, Job, Machine, Phase};
