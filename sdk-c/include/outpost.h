@@ -200,7 +200,8 @@ typedef struct outpost_model_status {
 // Nothing there: no previous release to revert to, no classifier output, ...
 #define OUTPOST_ERR_NOT_FOUND 20
 
-// Not supported by this build (e.g. the fleet link, see `sdk-c/README.md`).
+// Not supported by this build (e.g. `mqtts://` for the fleet link, see
+// `sdk-c/README.md`).
 #define OUTPOST_ERR_UNSUPPORTED 21
 
 // A panic was caught at the ABI boundary (a bug; please report the message).
@@ -208,6 +209,10 @@ typedef struct outpost_model_status {
 
 // Any other internal failure.
 #define OUTPOST_ERR_INTERNAL 23
+
+// The fleet link failed: the server could not deliver an update, or the link stopped
+// (broker unreachable for good, trust anchor missing, update state unwritable).
+#define OUTPOST_ERR_LINK 24
 
 // 32-bit IEEE float.
 #define OUTPOST_DTYPE_F32 1
@@ -290,9 +295,13 @@ outpost_status outpost_last_error(char *buf,
 // Opens an agent on a data directory. `config_toml` is a TOML string in the schema of
 // the device bundle's `agent.toml` with every key optional (`device_id`, `data_dir`,
 // `[telemetry]`: `consent`, `window_secs`, `window_count`, `outbox_max_bytes`), or NULL
-// for the defaults. A `[broker]` section (the fleet link) fails with
-// `OUTPOST_ERR_UNSUPPORTED` in this version. `data_dir` (created if missing) overrides
-// the config's `data_dir`; it may be NULL only if the config sets one.
+// for the defaults. With a `[broker]` section the config follows the full `agent.toml`
+// schema (`[broker]`, `[trust]`, `[update]`; `device_id` defaults to "outpost-app") and
+// the handle gets a fleet link, started by `outpost_agent_start_link` (a broken
+// bundle fails with `OUTPOST_ERR_CONFIG`, `mqtts://` with `OUTPOST_ERR_UNSUPPORTED`);
+// relative paths in it (trust root, password file) are relative to the current
+// directory. `data_dir` (created if missing) overrides the config's `data_dir`; it may be
+// NULL only if the config sets one.
 //
 // On success `*out_agent` is a new handle to release with `outpost_agent_free`; on
 // failure it is set to NULL. Opening loads and re-validates every installed model
@@ -306,8 +315,9 @@ outpost_status outpost_agent_new(const char *config_toml,
                                  const char *data_dir,
                                  struct outpost_agent **out_agent);
 
-// `outpost_agent_new` with the configuration read from the file `config_path`; a
-// relative `data_dir` in it is relative to the file's directory. Thread-safe.
+// `outpost_agent_new` with the configuration read from the file `config_path` (a device
+// bundle's `agent.toml` works as is); relative paths in it (`data_dir`, trust root,
+// password file) are relative to the file's directory. Thread-safe.
 //
 // # Safety
 // `config_path` must be a NUL-terminated string; `data_dir` NULL or a NUL-terminated
@@ -316,7 +326,10 @@ outpost_status outpost_agent_new_from_file(const char *config_path,
                                            const char *data_dir,
                                            struct outpost_agent **out_agent);
 
-// Flushes telemetry (every open window) to the outbox and releases the handle.
+// Stops the fleet link (if it runs: waits for its thread, and for a validation gate in
+// progress on it), flushes telemetry (every open window) to the outbox and releases the
+// handle. From a callback on the link thread it fails with
+// `OUTPOST_ERR_INVALID_ARGUMENT` and frees nothing.
 // `outpost_agent_free(NULL)` does nothing and returns `OUTPOST_OK`; a handle already
 // freed returns `OUTPOST_ERR_INVALID_HANDLE` (detected: handles are never reused).
 // If the flush fails the handle is still released and the flush's status returned.
@@ -332,17 +345,57 @@ outpost_status outpost_agent_free(struct outpost_agent *agent);
 // Registers the update callbacks (either may be NULL) and the `user_data` passed to
 // them, replacing earlier ones. `on_state` is called at each update state change of a
 // model, `on_progress` as model bytes arrive. They run synchronously on the thread
-// driving the update: for local installs, the thread calling
-// `outpost_agent_install*`. They may call any `outpost_*` function except
-// `outpost_agent_free` on the same handle. Thread-safe.
+// driving the update: for local installs, the thread calling `outpost_agent_install*`;
+// for fleet updates, the link thread (`outpost-link`), which does nothing else
+// meanwhile, so return quickly. They may call any `outpost_*` function except
+// `outpost_agent_free` and `outpost_agent_stop_link` on the same handle (detected on
+// the link thread: `OUTPOST_ERR_INVALID_ARGUMENT`). Register them before
+// `outpost_agent_start_link` to see every state. Thread-safe.
 //
 // # Safety
 // `agent` must be a handle (checked); the callbacks must be safe to call with
-// `user_data` from any thread that installs models, until replaced or the handle freed.
+// `user_data` from any thread that installs models and from the link thread, until
+// replaced or the handle freed.
 outpost_status outpost_agent_set_callbacks(struct outpost_agent *agent,
                                            outpost_update_state_cb on_state,
                                            outpost_progress_cb on_progress,
                                            void *user_data);
+
+// Starts the fleet link of a handle opened with `[broker]`: one library-owned thread
+// (`outpost-link`) connects to the broker, follows the device's director assignments,
+// and installs the releases they name (verify, fetch in resumable chunks, reconstruct,
+// validation gate, atomic swap, probation, commit or revert), reporting each state and
+// the download progress to the callbacks from that thread. It also ticks the agent each
+// second and uploads telemetry. Inference and local installs keep working meanwhile on
+// the same models. Returns at once (connecting happens on the thread, and reconnects
+// with back-off); `OUTPOST_OK` if the link runs already; `OUTPOST_ERR_NOT_FOUND` if the
+// config has no `[broker]`. Thread-safe.
+//
+// # Safety
+// `agent` must be a handle (checked).
+outpost_status outpost_agent_start_link(struct outpost_agent *agent);
+
+// Stops the fleet link and waits for its thread (and for a validation gate in
+// progress on it); the agent stays open and an interrupted update resumes at the next
+// `outpost_agent_start_link` or open. `OUTPOST_OK` if the link does not run;
+// `OUTPOST_ERR_LINK` if it had stopped by itself with an error (the message says why);
+// `OUTPOST_ERR_INVALID_ARGUMENT` from a callback on the link thread;
+// `OUTPOST_ERR_NOT_FOUND` without `[broker]`. Thread-safe.
+//
+// # Safety
+// `agent` must be a handle (checked).
+outpost_status outpost_agent_stop_link(struct outpost_agent *agent);
+
+// Writes whether the fleet link's thread runs to `*out_running` (false before
+// `outpost_agent_start_link`, after `outpost_agent_stop_link`, and when it stopped by
+// itself). Returns `OUTPOST_ERR_LINK` (and writes false) if it stopped by itself with
+// an error, `OUTPOST_ERR_NOT_FOUND` without `[broker]`. A link that cannot reach the
+// broker still runs (it retries). Thread-safe.
+//
+// # Safety
+// `agent` must be a handle (checked); `out_running` valid for writing a `bool`.
+outpost_status outpost_agent_link_running(struct outpost_agent *agent,
+                                          bool *out_running);
 
 // Installs a model from files: `model_path` (the ONNX file) and `release_path` (its
 // release metadata JSON, `NAME.release.json`). Reports DOWNLOADING with progress while

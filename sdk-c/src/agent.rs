@@ -1,6 +1,7 @@
-//! The agent handle and its entry points: open/free, install, inference, labels,
-//! consent, status, callbacks, tick.
+//! The agent handle and its entry points: open/free, fleet link, install, inference,
+//! labels, consent, status, callbacks, tick.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::ffi::{CString, c_char, c_void};
 use std::io::Read;
@@ -10,12 +11,14 @@ use std::time::Instant;
 
 use ::outpost_agent::monitor::{ClassProxies, LabelOutcome, WindowConfig};
 use ::outpost_agent::runtime::{ExecPath, HostTensor, PredictionId, RuntimeError};
+use ::outpost_agent::update::{EmbedOptions, FailureKind, Phase, UpdateEvent};
 use ::outpost_agent::{Agent, AgentConfig, AgentError, InstallPhase};
-use outpost_protocol::bundle::TelemetryConfig;
+use outpost_protocol::bundle::{AgentConfig as Bundle, TelemetryConfig};
 use outpost_protocol::release::{DType, ModelRelease};
 use serde::Deserialize;
 
 use crate::ffi::{Failure, Registry, Res, copy_str, guard, null, slice_arg, str_arg, write_out};
+use crate::link::LinkSlot;
 use crate::*;
 
 /// An open agent: the model store, runtime, monitors and outbox of one data directory.
@@ -212,6 +215,34 @@ impl Shared {
         }
     }
 
+    /// Reports a step of the fleet link's update machine (on the link thread). Phases
+    /// map to `OUTPOST_UPDATE_*`; a state already reported for the model is not repeated
+    /// (LISTING and FETCHING are both DOWNLOADING). VERIFYING, and a FAILED verification,
+    /// concern the whole assignment: their model name is "".
+    fn link_event(&self, event: &UpdateEvent) {
+        match event {
+            UpdateEvent::Phase(phase) => {
+                let Some((state, failure)) = link_state(phase) else {
+                    return;
+                };
+                let model = phase.job().map_or("", |j| j.slot.as_str());
+                let status = failure.as_ref().map_or(OUTPOST_OK, |f| f.status);
+                let repeated = self
+                    .updates
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(model)
+                    .is_some_and(|u| u.state == state && u.status == status)
+                    && state != OUTPOST_UPDATE_VERIFYING;
+                if !repeated {
+                    self.set_state(model, state, failure.as_ref());
+                }
+            }
+            UpdateEvent::Progress { slot, done, total } => self.progress(slot, *done, *total),
+            _ => {}
+        }
+    }
+
     fn progress(&self, model: &str, done: u64, total: u64) {
         let cb = self.callbacks();
         if let Some(f) = cb.on_progress {
@@ -222,13 +253,54 @@ impl Shared {
     }
 }
 
+/// The C state of a machine phase, and the failure it carries (None for IDLE: nothing to
+/// report).
+fn link_state(phase: &Phase) -> Option<(outpost_update_state, Option<Failure>)> {
+    let failed = |f: &::outpost_agent::update::Failure| {
+        Some(Failure::new(failure_status(f.kind), f.message.clone()))
+    };
+    Some(match phase {
+        Phase::Idle => return None,
+        Phase::Verifying => (OUTPOST_UPDATE_VERIFYING, None),
+        Phase::Listing { .. } | Phase::Fetching { .. } => (OUTPOST_UPDATE_DOWNLOADING, None),
+        Phase::Reconstructing { .. } => (OUTPOST_UPDATE_RECONSTRUCTING, None),
+        Phase::Installing { .. } => (OUTPOST_UPDATE_INSTALLING, None),
+        Phase::Probation { .. } => (OUTPOST_UPDATE_PROBATION, None),
+        Phase::Reverting { reason, .. } => (OUTPOST_UPDATE_REVERTING, failed(reason)),
+        Phase::Committed { .. } => (OUTPOST_UPDATE_COMMITTED, None),
+        Phase::Failed { failure, .. } => (OUTPOST_UPDATE_FAILED, failed(failure)),
+    })
+}
+
+fn failure_status(kind: FailureKind) -> outpost_status {
+    match kind {
+        FailureKind::Signature
+        | FailureKind::Hash
+        | FailureKind::Delta
+        | FailureKind::Assignment => OUTPOST_ERR_INVALID_RELEASE,
+        FailureKind::Gate | FailureKind::Budget => OUTPOST_ERR_GATE_REJECTED,
+        FailureKind::Transfer => OUTPOST_ERR_LINK,
+        FailureKind::Disk => OUTPOST_ERR_IO,
+        FailureKind::Probation => OUTPOST_ERR_INFERENCE,
+        _ => OUTPOST_ERR_INTERNAL,
+    }
+}
+
+thread_local! {
+    /// Set while this thread runs `outpost_agent_install*`: the agent's install hook
+    /// reports only those installs (the link reports its own from the link thread).
+    static LOCAL_INSTALL: Cell<bool> = const { Cell::new(false) };
+}
+
 fn c_name(s: &str) -> CString {
     CString::new(s.replace('\0', "")).unwrap_or_default()
 }
 
 struct Handle {
-    agent: Agent,
+    agent: Arc<Agent>,
     shared: Arc<Shared>,
+    /// The fleet link, when the config has `[broker]`.
+    link: Option<LinkSlot>,
 }
 
 struct OwnedResult {
@@ -261,19 +333,43 @@ struct SdkConfig {
 
 const DEFAULT_DEVICE_ID: &str = "outpost-app";
 
-fn parse_config(text: &str) -> Res<SdkConfig> {
-    let cfg: SdkConfig = toml::from_str(text)
-        .map_err(|e| Failure::new(OUTPOST_ERR_CONFIG, format!("config: {e}")))?;
-    if cfg.broker.is_some() {
+/// The parsed config and its raw table (the fleet link's bundle is built from it).
+fn parse_config(text: &str) -> Res<(SdkConfig, toml::Table)> {
+    let config =
+        |e: &dyn std::fmt::Display| Failure::new(OUTPOST_ERR_CONFIG, format!("config: {e}"));
+    let raw: toml::Table = text.parse().map_err(|e| config(&e))?;
+    let cfg: SdkConfig = toml::from_str(text).map_err(|e| config(&e))?;
+    let _ = (&cfg.trust, &cfg.update, &cfg.tags);
+    Ok((cfg, raw))
+}
+
+/// The fleet link's options from a config with `[broker]`: the full `agent.toml` schema,
+/// with `device_id` defaulted and `data_dir` set to the agent's.
+fn link_options(mut raw: toml::Table, base: Option<&Path>, data_dir: &Path) -> Res<EmbedOptions> {
+    let config =
+        |e: &dyn std::fmt::Display| Failure::new(OUTPOST_ERR_CONFIG, format!("config: {e}"));
+    raw.entry("device_id")
+        .or_insert_with(|| toml::Value::String(DEFAULT_DEVICE_ID.to_string()));
+    let dir = data_dir
+        .to_str()
+        .ok_or_else(|| Failure::new(OUTPOST_ERR_INVALID_ARGUMENT, "data_dir is not UTF-8"))?;
+    raw.insert("data_dir".into(), toml::Value::String(dir.to_string()));
+    let bundle: Bundle = toml::Value::Table(raw)
+        .try_into()
+        .map_err(|e: toml::de::Error| config(&e))?;
+    bundle.validate().map_err(|e| config(&e))?;
+    if bundle.broker_endpoint().2 {
         return Err(Failure::new(
             OUTPOST_ERR_UNSUPPORTED,
-            "config: the fleet link ([broker]) is not available in liboutpost yet; open the \
-             agent without [broker] and install models with outpost_agent_install_file \
-             (see sdk-c/README.md)",
+            "config: mqtts:// is not supported by this build yet",
         ));
     }
-    let _ = (&cfg.trust, &cfg.update, &cfg.tags);
-    Ok(cfg)
+    Ok(EmbedOptions {
+        bundle,
+        base_dir: base.map(Path::to_path_buf).unwrap_or_default(),
+        data_dir: data_dir.to_path_buf(),
+        chunk_len: outpost_protocol::wire::CHUNK_LEN,
+    })
 }
 
 fn agent_config(cfg: SdkConfig, data_dir: PathBuf) -> AgentConfig {
@@ -291,7 +387,11 @@ fn agent_config(cfg: SdkConfig, data_dir: PathBuf) -> AgentConfig {
     acfg
 }
 
-fn open(cfg: SdkConfig, base: Option<&Path>, data_dir: Option<&str>) -> Res<*mut outpost_agent> {
+fn open(
+    (cfg, raw): (SdkConfig, toml::Table),
+    base: Option<&Path>,
+    data_dir: Option<&str>,
+) -> Res<*mut outpost_agent> {
     let dir = match (data_dir, &cfg.data_dir) {
         (Some(d), _) => PathBuf::from(d),
         (None, Some(d)) => base.map_or_else(|| d.clone(), |b| b.join(d)),
@@ -308,7 +408,11 @@ fn open(cfg: SdkConfig, base: Option<&Path>, data_dir: Option<&str>) -> Res<*mut
             "data_dir is empty",
         ));
     }
-    let agent = Agent::open(agent_config(cfg, dir)).map_err(agent_failure)?;
+    let link = match cfg.broker {
+        Some(_) => Some(LinkSlot::new(link_options(raw, base, &dir)?)),
+        None => None,
+    };
+    let agent = Arc::new(Agent::open(agent_config(cfg, dir)).map_err(agent_failure)?);
     let shared = Arc::new(Shared {
         callbacks: RwLock::new(Callbacks {
             on_state: None,
@@ -319,11 +423,15 @@ fn open(cfg: SdkConfig, base: Option<&Path>, data_dir: Option<&str>) -> Res<*mut
     });
     let hook = Arc::clone(&shared);
     agent.on_install_phase(move |model, phase| {
-        if phase == InstallPhase::BlobStored {
+        if phase == InstallPhase::BlobStored && LOCAL_INSTALL.get() {
             hook.set_state(model, OUTPOST_UPDATE_INSTALLING, None);
         }
     });
-    Ok(AGENTS.insert(Handle { agent, shared }))
+    Ok(AGENTS.insert(Handle {
+        agent,
+        shared,
+        link,
+    }))
 }
 
 /// Maps an agent error to a status and keeps its message.
@@ -501,7 +609,10 @@ fn update_state_name(state: outpost_update_state) -> &'static str {
 fn install_release(h: &Handle, bytes: &[u8], release: ModelRelease) -> Res {
     let model = release.model.clone();
     h.shared.set_state(&model, OUTPOST_UPDATE_VERIFYING, None);
-    match h.agent.install(bytes, release) {
+    LOCAL_INSTALL.set(true);
+    let installed = h.agent.install(bytes, release);
+    LOCAL_INSTALL.set(false);
+    match installed {
         Ok(_) => {
             h.shared.set_state(&model, OUTPOST_UPDATE_COMMITTED, None);
             Ok(())
@@ -555,9 +666,13 @@ fn status_list(h: &Handle) -> Res<Vec<::outpost_agent::ModelStatus>> {
 /// Opens an agent on a data directory. `config_toml` is a TOML string in the schema of
 /// the device bundle's `agent.toml` with every key optional (`device_id`, `data_dir`,
 /// `[telemetry]`: `consent`, `window_secs`, `window_count`, `outbox_max_bytes`), or NULL
-/// for the defaults. A `[broker]` section (the fleet link) fails with
-/// `OUTPOST_ERR_UNSUPPORTED` in this version. `data_dir` (created if missing) overrides
-/// the config's `data_dir`; it may be NULL only if the config sets one.
+/// for the defaults. With a `[broker]` section the config follows the full `agent.toml`
+/// schema (`[broker]`, `[trust]`, `[update]`; `device_id` defaults to "outpost-app") and
+/// the handle gets a fleet link, started by `outpost_agent_start_link` (a broken
+/// bundle fails with `OUTPOST_ERR_CONFIG`, `mqtts://` with `OUTPOST_ERR_UNSUPPORTED`);
+/// relative paths in it (trust root, password file) are relative to the current
+/// directory. `data_dir` (created if missing) overrides the config's `data_dir`; it may be
+/// NULL only if the config sets one.
 ///
 /// On success `*out_agent` is a new handle to release with `outpost_agent_free`; on
 /// failure it is set to NULL. Opening loads and re-validates every installed model
@@ -577,7 +692,7 @@ pub unsafe extern "C" fn outpost_agent_new(
         // SAFETY: caller contract.
         unsafe { write_out(out_agent, std::ptr::null_mut(), "out_agent") }?;
         let cfg = if config_toml.is_null() {
-            SdkConfig::default()
+            (SdkConfig::default(), toml::Table::new())
         } else {
             // SAFETY: caller contract.
             parse_config(unsafe { str_arg(config_toml, "config_toml") }?)?
@@ -595,8 +710,9 @@ pub unsafe extern "C" fn outpost_agent_new(
     })
 }
 
-/// `outpost_agent_new` with the configuration read from the file `config_path`; a
-/// relative `data_dir` in it is relative to the file's directory. Thread-safe.
+/// `outpost_agent_new` with the configuration read from the file `config_path` (a device
+/// bundle's `agent.toml` works as is); relative paths in it (`data_dir`, trust root,
+/// password file) are relative to the file's directory. Thread-safe.
 ///
 /// # Safety
 /// `config_path` must be a NUL-terminated string; `data_dir` NULL or a NUL-terminated
@@ -629,7 +745,10 @@ pub unsafe extern "C" fn outpost_agent_new_from_file(
     })
 }
 
-/// Flushes telemetry (every open window) to the outbox and releases the handle.
+/// Stops the fleet link (if it runs: waits for its thread, and for a validation gate in
+/// progress on it), flushes telemetry (every open window) to the outbox and releases the
+/// handle. From a callback on the link thread it fails with
+/// `OUTPOST_ERR_INVALID_ARGUMENT` and frees nothing.
 /// `outpost_agent_free(NULL)` does nothing and returns `OUTPOST_OK`; a handle already
 /// freed returns `OUTPOST_ERR_INVALID_HANDLE` (detected: handles are never reused).
 /// If the flush fails the handle is still released and the flush's status returned.
@@ -646,7 +765,12 @@ pub unsafe extern "C" fn outpost_agent_free(agent: *mut outpost_agent) -> outpos
         if agent.is_null() {
             return Ok(());
         }
+        if let Some(link) = &AGENTS.get(agent)?.link {
+            link.check_not_link_thread("outpost_agent_free")?;
+        }
         let h = AGENTS.remove(agent)?;
+        // A link that had failed by itself is not this call's failure.
+        let _ = h.link.as_ref().map(LinkSlot::stop);
         h.agent.close().map_err(agent_failure)?;
         Ok(())
     })
@@ -655,13 +779,17 @@ pub unsafe extern "C" fn outpost_agent_free(agent: *mut outpost_agent) -> outpos
 /// Registers the update callbacks (either may be NULL) and the `user_data` passed to
 /// them, replacing earlier ones. `on_state` is called at each update state change of a
 /// model, `on_progress` as model bytes arrive. They run synchronously on the thread
-/// driving the update: for local installs, the thread calling
-/// `outpost_agent_install*`. They may call any `outpost_*` function except
-/// `outpost_agent_free` on the same handle. Thread-safe.
+/// driving the update: for local installs, the thread calling `outpost_agent_install*`;
+/// for fleet updates, the link thread (`outpost-link`), which does nothing else
+/// meanwhile, so return quickly. They may call any `outpost_*` function except
+/// `outpost_agent_free` and `outpost_agent_stop_link` on the same handle (detected on
+/// the link thread: `OUTPOST_ERR_INVALID_ARGUMENT`). Register them before
+/// `outpost_agent_start_link` to see every state. Thread-safe.
 ///
 /// # Safety
 /// `agent` must be a handle (checked); the callbacks must be safe to call with
-/// `user_data` from any thread that installs models, until replaced or the handle freed.
+/// `user_data` from any thread that installs models and from the link thread, until
+/// replaced or the handle freed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn outpost_agent_set_callbacks(
     agent: *mut outpost_agent,
@@ -681,6 +809,79 @@ pub unsafe extern "C" fn outpost_agent_set_callbacks(
         };
         Ok(())
     })
+}
+
+/// Starts the fleet link of a handle opened with `[broker]`: one library-owned thread
+/// (`outpost-link`) connects to the broker, follows the device's director assignments,
+/// and installs the releases they name (verify, fetch in resumable chunks, reconstruct,
+/// validation gate, atomic swap, probation, commit or revert), reporting each state and
+/// the download progress to the callbacks from that thread. It also ticks the agent each
+/// second and uploads telemetry. Inference and local installs keep working meanwhile on
+/// the same models. Returns at once (connecting happens on the thread, and reconnects
+/// with back-off); `OUTPOST_OK` if the link runs already; `OUTPOST_ERR_NOT_FOUND` if the
+/// config has no `[broker]`. Thread-safe.
+///
+/// # Safety
+/// `agent` must be a handle (checked).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn outpost_agent_start_link(agent: *mut outpost_agent) -> outpost_status {
+    guard(|| {
+        let h = AGENTS.get(agent)?;
+        let link = h.link.as_ref().ok_or_else(no_link)?;
+        let shared = Arc::clone(&h.shared);
+        link.start(Arc::clone(&h.agent), move |ev| shared.link_event(ev))
+    })
+}
+
+/// Stops the fleet link and waits for its thread (and for a validation gate in
+/// progress on it); the agent stays open and an interrupted update resumes at the next
+/// `outpost_agent_start_link` or open. `OUTPOST_OK` if the link does not run;
+/// `OUTPOST_ERR_LINK` if it had stopped by itself with an error (the message says why);
+/// `OUTPOST_ERR_INVALID_ARGUMENT` from a callback on the link thread;
+/// `OUTPOST_ERR_NOT_FOUND` without `[broker]`. Thread-safe.
+///
+/// # Safety
+/// `agent` must be a handle (checked).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn outpost_agent_stop_link(agent: *mut outpost_agent) -> outpost_status {
+    guard(|| {
+        let h = AGENTS.get(agent)?;
+        h.link.as_ref().ok_or_else(no_link)?.stop()
+    })
+}
+
+/// Writes whether the fleet link's thread runs to `*out_running` (false before
+/// `outpost_agent_start_link`, after `outpost_agent_stop_link`, and when it stopped by
+/// itself). Returns `OUTPOST_ERR_LINK` (and writes false) if it stopped by itself with
+/// an error, `OUTPOST_ERR_NOT_FOUND` without `[broker]`. A link that cannot reach the
+/// broker still runs (it retries). Thread-safe.
+///
+/// # Safety
+/// `agent` must be a handle (checked); `out_running` valid for writing a `bool`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn outpost_agent_link_running(
+    agent: *mut outpost_agent,
+    out_running: *mut bool,
+) -> outpost_status {
+    guard(|| {
+        // SAFETY: caller contract.
+        unsafe { write_out(out_running, false, "out_running") }?;
+        let h = AGENTS.get(agent)?;
+        let (running, ended) = h.link.as_ref().ok_or_else(no_link)?.state();
+        // SAFETY: caller contract (checked non-null above).
+        unsafe { out_running.write(running) };
+        match ended {
+            Some(why) if !running => Err(Failure::new(OUTPOST_ERR_LINK, why)),
+            _ => Ok(()),
+        }
+    })
+}
+
+fn no_link() -> Failure {
+    Failure::new(
+        OUTPOST_ERR_NOT_FOUND,
+        "this agent has no fleet link (its config has no [broker] section)",
+    )
 }
 
 /// Installs a model from files: `model_path` (the ONNX file) and `release_path` (its

@@ -20,6 +20,7 @@
 
 mod agent;
 mod ffi;
+mod link;
 
 pub use agent::*;
 
@@ -72,12 +73,16 @@ pub const OUTPOST_ERR_UNKNOWN_PREDICTION: outpost_status = 18;
 pub const OUTPOST_ERR_LABEL_EXPIRED: outpost_status = 19;
 /// Nothing there: no previous release to revert to, no classifier output, ...
 pub const OUTPOST_ERR_NOT_FOUND: outpost_status = 20;
-/// Not supported by this build (e.g. the fleet link, see `sdk-c/README.md`).
+/// Not supported by this build (e.g. `mqtts://` for the fleet link, see
+/// `sdk-c/README.md`).
 pub const OUTPOST_ERR_UNSUPPORTED: outpost_status = 21;
 /// A panic was caught at the ABI boundary (a bug; please report the message).
 pub const OUTPOST_ERR_PANIC: outpost_status = 22;
 /// Any other internal failure.
 pub const OUTPOST_ERR_INTERNAL: outpost_status = 23;
+/// The fleet link failed: the server could not deliver an update, or the link stopped
+/// (broker unreachable for good, trust anchor missing, update state unwritable).
+pub const OUTPOST_ERR_LINK: outpost_status = 24;
 
 /// Element type of a tensor (`OUTPOST_DTYPE_*`). 0 is never valid.
 pub type outpost_dtype = u32;
@@ -160,6 +165,7 @@ pub extern "C" fn outpost_status_name(status: outpost_status) -> *const c_char {
         OUTPOST_ERR_UNSUPPORTED => "OUTPOST_ERR_UNSUPPORTED\0",
         OUTPOST_ERR_PANIC => "OUTPOST_ERR_PANIC\0",
         OUTPOST_ERR_INTERNAL => "OUTPOST_ERR_INTERNAL\0",
+        OUTPOST_ERR_LINK => "OUTPOST_ERR_LINK\0",
         _ => "OUTPOST_ERR_UNKNOWN_STATUS\0",
     };
     name.as_ptr().cast()

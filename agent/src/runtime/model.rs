@@ -9,7 +9,7 @@ use tract_onnx::Onnx;
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
-use super::dequant::{self, DequantStats, Quantization};
+use super::dequant::{self, Activations, DequantStats, Quantization};
 use super::error::panic_message;
 use super::tensor::{datum_type, dtype_name};
 use super::{HostTensor, RuntimeError};
@@ -19,7 +19,8 @@ use super::{HostTensor, RuntimeError};
 pub enum ExecPath {
     /// The ONNX graph as shipped.
     AsShipped,
-    /// A QDQ graph rewritten to float (see [`dequantize`](super::dequant::dequantize)).
+    /// A quantized graph (QDQ, dynamic or QOperator) rewritten to float (see
+    /// [`dequantize`](super::dequant::dequantize)).
     Dequantized,
 }
 
@@ -86,6 +87,12 @@ impl OnnxSource {
         self.quantization
     }
 
+    /// Whether [`ExecPath::Dequantized`] exists for this model: it is quantized and the
+    /// rewrite applies (see [`dequantize`](super::dequant::dequantize)).
+    pub fn has_dequantized_variant(&self) -> bool {
+        self.quantization != Quantization::Float && dequant::dequantize(&self.proto).is_ok()
+    }
+
     /// Input names and element types declared by the graph (initializers excluded).
     pub fn declared_inputs(&self) -> Vec<String> {
         let Some(g) = &self.proto.graph else {
@@ -108,15 +115,33 @@ impl OnnxSource {
         inputs: &[TensorSpec],
         path: ExecPath,
     ) -> Result<Model, RuntimeError> {
-        let (proto, dequant) = match path {
-            ExecPath::AsShipped => (None, None),
-            ExecPath::Dequantized => {
-                let (p, stats) = dequant::dequantize(&self.proto)
-                    .map_err(|reason| RuntimeError::NoDequantizedVariant { reason })?;
-                (Some(p), Some(stats))
-            }
-        };
-        let proto = proto.as_ref().unwrap_or(&self.proto);
+        match path {
+            ExecPath::AsShipped => self.compile_proto(&self.proto, name, inputs, path, None),
+            ExecPath::Dequantized => self.compile_dequantized(name, inputs, Activations::Float),
+        }
+    }
+
+    /// Compiles [`ExecPath::Dequantized`] with a choice of what happens to activation
+    /// quantization (see [`dequantize_with`](super::dequant::dequantize_with)).
+    pub fn compile_dequantized(
+        &self,
+        name: &str,
+        inputs: &[TensorSpec],
+        activations: Activations,
+    ) -> Result<Model, RuntimeError> {
+        let (proto, stats) = dequant::dequantize_with(&self.proto, activations)
+            .map_err(|reason| RuntimeError::NoDequantizedVariant { reason })?;
+        self.compile_proto(&proto, name, inputs, ExecPath::Dequantized, Some(stats))
+    }
+
+    fn compile_proto(
+        &self,
+        proto: &ModelProto,
+        name: &str,
+        inputs: &[TensorSpec],
+        path: ExecPath,
+        dequant: Option<DequantStats>,
+    ) -> Result<Model, RuntimeError> {
         catch_unwind(AssertUnwindSafe(|| {
             compile(proto, name, inputs, path, dequant)
         }))
