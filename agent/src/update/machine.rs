@@ -354,7 +354,12 @@ impl Machine {
         let (next, mut actions) = match (phase, event) {
             // An assignment starts (or re-checks) only from a resting state; while an
             // update runs the shell holds the newest bytes until it rests.
-            (p, E::AssignmentReceived) if p.is_resting() => (P::Verifying, vec![Action::Verify]),
+            (p, E::AssignmentReceived) if p.is_resting() => {
+                // A new update: the cap counts its own state changes only. Assignments
+                // that need no job (redelivered at every reconnect) must not add up.
+                self.transitions = 0;
+                (P::Verifying, vec![Action::Verify])
+            }
             (P::Verifying, E::AssignmentVerified { jobs, counter }) => {
                 self.queue = jobs;
                 let mut actions = vec![Action::PersistCounter(counter)];
@@ -706,4 +711,32 @@ fn choose(
         })
         .min_by_key(|a| a.length)
         .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redelivered_assignments_do_not_exhaust_the_transition_cap() {
+        let counter = CounterState {
+            counter: 1,
+            digest: [0; 32],
+        };
+        let mut m = Machine::default();
+        // A retained assignment comes again at every reconnect and needs no job.
+        for _ in 0..=MAX_TRANSITIONS {
+            m.step(Event::AssignmentReceived, 1000);
+            m.step(
+                Event::AssignmentVerified {
+                    jobs: vec![],
+                    counter: counter.clone(),
+                },
+                1000,
+            );
+            assert_eq!(m.phase, Phase::Idle, "after {} transitions", m.transitions);
+        }
+        m.step(Event::AssignmentReceived, 1000);
+        assert_eq!(m.phase, Phase::Verifying);
+    }
 }
