@@ -8,7 +8,7 @@ use outpost_protocol::wire::{
     DeviceTopics, Request, RequestBody, Response, StatusReport, TelemetryBatch, TelemetryRecord,
 };
 
-use crate::support::{Broker, Fleet, Probe};
+use crate::support::{Broker, Fleet, Probe, wait_for};
 
 #[test]
 fn device_credentials_cannot_reach_another_device() {
@@ -17,14 +17,18 @@ fn device_credentials_cannot_reach_another_device() {
 
 fn credentials_cannot_reach_another_device(broker: Broker) {
     let (f, v1) = Fleet::start(broker);
-    let mut devices = f.add_devices(&["x1", "x2"], |_| {});
+    let mut devices = f.add_devices(&["x1", "x2"], |c| c.telemetry.upload_secs = 1);
     for d in &mut devices {
         d.start();
     }
     let c = f.assign(&v1, &["x1", "x2"]);
     f.wait_converged("x1", &v1, c["x1"]);
     f.wait_converged("x2", &v1, c["x2"]);
-    let x2_before = f.device("x2");
+    // x2's install events are stored: its own telemetry reaches the server.
+    let x2_before = wait_for("x2's own telemetry", crate::support::WAIT, || {
+        let d = f.device("x2");
+        (d["telemetry_acked"].as_u64() > Some(0)).then_some(d)
+    });
 
     // The attacker has x1's bundle (its agent keeps running beside it).
     let password = std::fs::read_to_string(devices[0].bundle.join("credentials")).unwrap();

@@ -326,7 +326,7 @@ impl Fleet {
             &["repo", "init", "--dir", repo.to_str().unwrap()],
             None,
         );
-        let v1 = sign(&bins, &repo, "cnn_a.onnx", "1.0");
+        let v1 = sign(&bins, &repo, "cnn_a.onnx", "1.0", &[]);
         let data = dir.path().join("data");
         let broker_port = free_port();
         let server_password = format!("server-{}", std::process::id());
@@ -405,10 +405,6 @@ impl Fleet {
         });
     }
 
-    pub fn server_pid(&self) -> u32 {
-        self.server.id()
-    }
-
     /// `outpostctl` against this server; panics with its output unless it succeeds.
     pub fn ctl(&self, args: &[&str]) -> String {
         ctl_ok(&self.bins, args, Some((&self.url, &self.token)))
@@ -416,7 +412,14 @@ impl Fleet {
 
     /// `outpostctl release sign` of a fixture model as `version` of [`MODEL`].
     pub fn sign(&self, file: &str, version: &str) -> Target {
-        sign(&self.bins, &self.repo, file, version)
+        sign(&self.bins, &self.repo, file, version, &[])
+    }
+
+    /// [`Fleet::sign`] with another fixture's release info (io spec, golden vectors).
+    pub fn sign_with_info(&self, file: &str, version: &str, info: &str) -> Target {
+        let info = fixtures().join(info);
+        let args = ["--release-info", info.to_str().unwrap()];
+        sign(&self.bins, &self.repo, file, version, &args)
     }
 
     /// `outpostctl release push`.
@@ -511,30 +514,29 @@ impl Fleet {
             .unwrap_or_else(|e| panic!("GET device {id}: {e}"))
     }
 
-    /// Waits until the server sees `id` running `t`, committed, after an assignment with
+    /// Waits until the server sees `id` running `t` and resting, after an assignment with
     /// at least `counter`; returns the device's last status report.
     pub fn wait_converged(&self, id: &str, t: &Target, counter: u64) -> serde_json::Value {
-        wait_for(&format!("{id} to commit {}", t.path), WAIT, || {
+        let deadline = Instant::now() + WAIT;
+        loop {
             let d = self.device(id);
             let s = &d["status"];
             let slot = &s["models"][MODEL];
-            (slot["active_sha256"] == t.sha256.as_str()
+            if slot["active_sha256"] == t.sha256.as_str()
                 && slot["active"] == t.path.as_str()
-                && s["update"]["state"] == "committed"
-                && s["assignment_counter"].as_u64() >= Some(counter))
-            .then(|| s.clone())
-        })
-    }
-
-    /// Waits until the server sees `id` report a failure of `kind` (one of `kinds`) while
-    /// its update machine rests; returns the status report.
-    pub fn wait_failure(&self, id: &str, kinds: &[&str]) -> serde_json::Value {
-        wait_for(&format!("{id} to report a {kinds:?} failure"), WAIT, || {
-            let d = self.device(id);
-            let s = &d["status"];
-            let kind = s["last_error"]["kind"].as_str()?;
-            (kinds.contains(&kind) && s["update"]["state"] == "failed").then(|| s.clone())
-        })
+                // Committed, or idle after a redelivered assignment needed no job.
+                && (s["update"]["state"] == "committed" || s["update"].is_null())
+                && s["assignment_counter"].as_u64() >= Some(counter)
+            {
+                return s.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {WAIT:?} waiting for {id} to commit {} (counter {counter}): {d}",
+                t.path
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Every telemetry record the server stored for `id`, in sequence order.
@@ -587,23 +589,21 @@ fn ctl_ok(bins: &Bins, args: &[&str], server: Option<(&str, &str)>) -> String {
     out
 }
 
-fn sign(bins: &Bins, repo: &Path, file: &str, version: &str) -> Target {
+fn sign(bins: &Bins, repo: &Path, file: &str, version: &str, extra: &[&str]) -> Target {
     let model = fixtures().join(file);
-    ctl_ok(
-        bins,
-        &[
-            "release",
-            "sign",
-            model.to_str().unwrap(),
-            "--repo",
-            repo.to_str().unwrap(),
-            "--model",
-            MODEL,
-            "--version",
-            version,
-        ],
-        None,
-    );
+    let mut args = vec![
+        "release",
+        "sign",
+        model.to_str().unwrap(),
+        "--repo",
+        repo.to_str().unwrap(),
+        "--model",
+        MODEL,
+        "--version",
+        version,
+    ];
+    args.extend(extra);
+    ctl_ok(bins, &args, None);
     let bytes = std::fs::read(&model).unwrap();
     Target {
         version: version.to_owned(),
@@ -714,10 +714,6 @@ impl Device {
             self.id
         );
         Some(sha)
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
     }
 }
 
