@@ -221,6 +221,8 @@ pub struct PathReport {
     pub tolerance_share: f64,
     /// Latency (when it passed).
     pub latency: Option<LatencyStats>,
+    /// What the dequantizing rewrite did, for [`ExecPath::Dequantized`] (when it compiled).
+    pub dequant: Option<crate::runtime::DequantStats>,
     /// Why it failed, if it did.
     pub failure: Option<GateError>,
 }
@@ -457,6 +459,7 @@ fn evaluate(
         max_abs_diff: 0.0,
         tolerance_share: 0.0,
         latency: None,
+        dequant: None,
         failure: None,
     };
     let rss_before = rss_bytes();
@@ -474,6 +477,7 @@ fn evaluate(
             return (report, None);
         }
     };
+    report.dequant = model.dequant_stats();
     report.weight_bytes = model.weight_bytes();
     report.scratch_bytes = model.scratch_bytes();
     if let Some(missing) = release
