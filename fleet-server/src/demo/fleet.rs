@@ -25,9 +25,9 @@ use outpost_protocol::bundle::AgentConfig;
 use outpost_protocol::release::ModelRelease;
 use serde_json::{Value, json};
 
-use super::quality::{self, VersionQuality};
 use super::{Bins, DemoBroker, DemoOptions, Report, now};
 use crate::keys::SealCost;
+use crate::quality::Aggregator;
 use crate::repo::{Expiries, InitOptions, Repo};
 use crate::server::client::{ApiClient, push_release};
 
@@ -669,6 +669,7 @@ pub(super) fn run_fleet(
     println!("\n4. stop the agents and the server (SIGTERM)");
     let final_devices = watch.devices()?;
     watch.pull_telemetry(&ids)?;
+    let quality = server.api.get(&format!("/api/v1/models/{MODEL}/quality"))?;
     let mut clean = true;
     for d in &mut watch.agents {
         let status = d
@@ -685,7 +686,13 @@ pub(super) fn run_fleet(
         let _ = b.stop(Duration::from_secs(5));
     }
 
-    summary(&final_devices, &watch.telemetry, [&v1, &v2], report);
+    summary(
+        &final_devices,
+        &watch.telemetry,
+        &quality,
+        [&v1, &v2],
+        report,
+    );
     println!("\nfleet demo took {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -693,6 +700,7 @@ pub(super) fn run_fleet(
 fn summary(
     devices: &[Value],
     telemetry: &BTreeMap<String, Vec<Value>>,
+    quality: &Value,
     releases: [&Signed; 2],
     report: &mut Report,
 ) {
@@ -726,38 +734,71 @@ fn summary(
             classes.join(", ")
         );
     }
-    let q = quality::by_version(MODEL, telemetry.values().flatten());
-    println!("\nsummary: accuracy proxies per model version (window summaries of every device)");
+    let versions = quality["versions"].as_array().cloned().unwrap_or_default();
+    println!(
+        "\nsummary: accuracy proxies per model version \
+         (GET /api/v1/models/{MODEL}/quality: window summaries of every device)"
+    );
     println!(
         "  {:<8} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "version", "windows", "inferences", "expected", "realized", "labels", "PSI", "JS"
     );
-    let pct = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.1}%", v * 100.0));
-    let num = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));
-    for (version, v) in &q {
+    let pct = |v: &Value| {
+        v.as_f64()
+            .map_or("-".to_owned(), |v| format!("{:.1}%", v * 100.0))
+    };
+    let num = |v: &Value| v.as_f64().map_or("-".to_owned(), |v| format!("{v:.4}"));
+    for v in &versions {
         println!(
             "  {:<8} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            version,
-            v.windows,
-            v.inferences,
-            pct(v.expected_accuracy),
-            pct(v.realized_accuracy()),
-            v.labels,
-            num(v.mean_psi),
-            num(v.mean_js),
+            v["version"].as_str().unwrap_or("?"),
+            v["windows"].as_u64().unwrap_or(0),
+            v["inferences"].as_u64().unwrap_or(0),
+            pct(&v["expected_accuracy"]),
+            pct(&v["realized_accuracy"]),
+            v["labels"].as_u64().unwrap_or(0),
+            num(&v["mean_psi"]),
+            num(&v["mean_js"]),
         );
     }
     println!(
         "  expected = CBPE (mean calibrated confidence); realized = labelled predictions \
          correct; PSI/JS = mean input-feature drift against the release's reference"
     );
-    let has = |v: &Signed| {
-        q.get(&v.version)
-            .is_some_and(|v: &VersionQuality| v.inferences > 0 && v.expected_accuracy.is_some())
+    let has = |r: &Signed| {
+        versions.iter().any(|v| {
+            v["version"] == r.version.as_str()
+                && v["inferences"].as_u64() > Some(0)
+                && v["expected_accuracy"].is_f64()
+                && v["realized_accuracy"].is_f64()
+        })
     };
     report.check(
-        "accuracy proxies received for both versions",
+        "accuracy proxies (expected and realized) for both versions",
         releases.iter().all(|r| has(r)),
+        "",
+    );
+    // The server's aggregate must account for exactly the window summaries it stored.
+    let mut agg = Aggregator::new(MODEL);
+    for (id, records) in telemetry {
+        for r in records {
+            agg.add(id, r["class"].as_str().unwrap_or(""), &r["payload"]);
+        }
+    }
+    let mine = agg.finish();
+    let agrees = mine.len() == versions.len()
+        && versions.iter().all(|v| {
+            mine.get(v["version"].as_str().unwrap_or(""))
+                .is_some_and(|m| {
+                    v["windows"].as_u64() == Some(m.windows)
+                        && v["inferences"].as_u64() == Some(m.inferences)
+                        && v["labels"].as_u64() == Some(m.labels)
+                        && v["correct"].as_u64() == Some(m.correct)
+                })
+        });
+    report.check(
+        "the server's per-version aggregate matches the stored window summaries",
+        agrees,
         "",
     );
 }

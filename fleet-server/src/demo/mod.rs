@@ -12,7 +12,7 @@
 //! [`run_demo`] returns `Ok(true)` only when every device converged and every check held.
 
 mod fleet;
-mod quality;
+
 mod trust;
 
 use std::path::{Path, PathBuf};

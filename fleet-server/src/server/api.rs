@@ -128,6 +128,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/blobs/{sha256}", put(put_blob))
         .route("/api/v1/releases", post(upload_release).get(list_releases))
         .route("/api/v1/models", get(list_models))
+        .route("/api/v1/models/{name}/quality", get(model_quality))
         .route("/api/v1/devices", post(add_device).get(list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
         .route("/api/v1/devices/{id}/bundle", post(bundle))
@@ -259,6 +260,44 @@ async fn list_models(State(s): State<AppState>, headers: HeaderMap) -> ApiResult
         .map(|(m, rs)| json!({"model": m, "releases": rs}))
         .collect();
     Ok(Json(json!({ "models": list })))
+}
+
+/// Accuracy proxies per version of a model, over every device's stored window
+/// summaries (read in pages; the cost grows with the stored telemetry).
+async fn model_quality(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    require(&s, &headers, Role::Viewer)?;
+    let core = s.core.clone();
+    let model = name.clone();
+    let versions = blocking(move || {
+        let mut agg = crate::quality::Aggregator::new(&model);
+        for d in core.db().devices()? {
+            let mut after = 0;
+            loop {
+                let page = core.db().telemetry(&d.id, after, 1000)?;
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                for r in &page {
+                    agg.add(&d.id, &r.class, &r.payload);
+                }
+            }
+        }
+        Ok(agg.finish())
+    })
+    .await?;
+    let versions: Vec<Value> = versions
+        .into_iter()
+        .map(|(version, q)| {
+            let mut v = serde_json::to_value(&q).unwrap_or_default();
+            v["version"] = json!(version);
+            v["realized_accuracy"] = json!(q.realized_accuracy());
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "model": name, "versions": versions })))
 }
 
 #[derive(Deserialize)]
