@@ -445,7 +445,8 @@ impl Watch<'_> {
                     let slot = &s["models"][MODEL];
                     if current
                         && slot["active_sha256"] == t.sha256.as_str()
-                        && s["update"]["state"] == "committed"
+                        // Committed, or idle after a redelivered assignment needed no job.
+                    && (s["update"]["state"] == "committed" || s["update"].is_null())
                     {
                         done.insert(id.to_owned(), s.clone());
                     }
