@@ -29,6 +29,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use outpost_agent::gate::{self, GateOptions, LatencyStats};
 use outpost_agent::npy;
+use outpost_agent::runtime::dequant::Activations;
 use outpost_agent::runtime::{
     ExecPath, HostTensor, Model, OnnxSource, Quantization, Runtime, dtype_name,
 };
@@ -359,14 +360,28 @@ struct BenchOutput {
 fn bench(args: BenchArgs) -> anyhow::Result<String> {
     let l = load(&args.model)?;
     let specs = input_specs(&l);
+    // The gate's choice first: for a dequantized model, measure the very variant it chose
+    // (activations rounded or not).
+    let chosen = match &l.release {
+        Some(_) => Some(prepare(&l)?),
+        None => None,
+    };
+    let activations = match chosen.as_ref().and_then(|m| m.dequant_stats()) {
+        Some(s) if s.rounded_activations => Activations::Rounded,
+        _ => Activations::Float,
+    };
     let mut paths = vec![ExecPath::AsShipped];
-    if l.source.quantization() == Quantization::Qdq {
+    if l.source.has_dequantized_variant() {
         paths.push(ExecPath::Dequantized);
     }
     let mut measured = BTreeMap::new();
     for path in paths {
         let start = Instant::now();
-        let model = match l.source.compile(&l.name, &specs, path) {
+        let compiled = match path {
+            ExecPath::Dequantized => l.source.compile_dequantized(&l.name, &specs, activations),
+            _ => l.source.compile(&l.name, &specs, path),
+        };
+        let model = match compiled {
             Ok(m) => m,
             Err(e) if path == ExecPath::Dequantized => {
                 eprintln!("note: dequantized variant does not compile: {e}");
@@ -386,11 +401,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<String> {
         let stats = LatencyStats::from_samples(samples).context("no samples")?;
         measured.insert(path, (cold, stats));
     }
-    let (path, reason) = match &l.release {
-        Some(_) => {
-            let model = prepare(&l)?;
-            (model.exec_path(), model.path_reason().to_string())
-        }
+    let (path, reason) = match &chosen {
+        Some(model) => (model.exec_path(), model.path_reason().to_string()),
         None => (ExecPath::AsShipped, NO_RELEASE.to_string()),
     };
     let (cold, stats) = measured
