@@ -326,3 +326,77 @@ fn cli_reports_clear_errors() {
         "{text}"
     );
 }
+
+#[test]
+fn delta_cli_round_trips_fixtures_and_refuses_a_tampered_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/models"
+    ));
+    let (base, target) = (fx.join("cnn_a.onnx"), fx.join("cnn_a_ft.onnx"));
+    let (delta, out) = (dir.path().join("d.bin"), dir.path().join("out.onnx"));
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let (code, text) = outpostctl(&[
+        "delta",
+        "encode",
+        "--base",
+        &s(&base),
+        "--target",
+        &s(&target),
+        "--out",
+        &s(&delta),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let delta_len = std::fs::metadata(&delta).unwrap().len();
+    assert!(
+        delta_len < std::fs::metadata(&target).unwrap().len(),
+        "{text}"
+    );
+    let (code, text) = outpostctl(&[
+        "delta",
+        "apply",
+        "--base",
+        &s(&base),
+        "--delta",
+        &s(&delta),
+        "--out",
+        &s(&out),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&target).unwrap()
+    );
+
+    // A flipped byte in the payload or the wrong base: refused, nothing written.
+    let mut bytes = std::fs::read(&delta).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&delta, &bytes).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let (code, _) = outpostctl(&[
+        "delta",
+        "apply",
+        "--base",
+        &s(&base),
+        "--delta",
+        &s(&delta),
+        "--out",
+        &s(&out),
+    ]);
+    assert_eq!(code, 1);
+    assert!(!out.exists());
+    let (code, text) = outpostctl(&[
+        "delta",
+        "apply",
+        "--base",
+        &s(&target),
+        "--delta",
+        &s(&delta),
+        "--out",
+        &s(&out),
+    ]);
+    assert_eq!(code, 1);
+    assert!(text.contains("base"), "{text}");
+}

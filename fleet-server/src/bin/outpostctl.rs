@@ -43,6 +43,9 @@ enum Command {
     /// Devices on the fleet server: provision, bundle, list.
     #[command(subcommand)]
     Devices(DevicesCmd),
+    /// Model deltas: what the server sends instead of a full model.
+    #[command(subcommand)]
+    Delta(DeltaCmd),
     /// Assign a release to devices (by id and/or tag) on the fleet server.
     Assign {
         #[command(flatten)]
@@ -58,6 +61,83 @@ enum Command {
         #[arg(long = "tag", value_parser = parse_tag)]
         tags: Vec<(String, String)>,
     },
+}
+
+#[derive(Subcommand)]
+enum DeltaCmd {
+    /// Encode the smallest delta from BASE to TARGET (every codec is tried; prints the
+    /// codec, the delta size and the size of the full model compressed alone).
+    Encode {
+        /// The model the device has.
+        #[arg(long)]
+        base: PathBuf,
+        /// The new model.
+        #[arg(long)]
+        target: PathBuf,
+        /// Where to write the delta.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Apply a delta to BASE; the result is checked against the hash in the delta.
+    Apply {
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        delta: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Refuse targets longer than this many bytes.
+        #[arg(long, default_value_t = 1 << 31)]
+        max_len: u64,
+    },
+}
+
+fn delta_cmd(cmd: DeltaCmd) -> anyhow::Result<()> {
+    use outpost_protocol::delta::{self, Best};
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    match cmd {
+        DeltaCmd::Encode { base, target, out } => {
+            let (base, target_bytes) = (read(&base)?, read(&target)?);
+            let (codec, bytes, full) = match delta::encode_best(&base, &target_bytes)? {
+                Best::Delta {
+                    codec,
+                    delta,
+                    full_zstd_len,
+                } => (codec.to_string(), delta, full_zstd_len),
+                Best::Full {
+                    codec,
+                    full_zstd_len,
+                    ..
+                } => (
+                    format!("{codec} (full model compressed alone is smaller)"),
+                    delta::encode(&base, &target_bytes, codec, delta::DEFAULT_LEVEL)?,
+                    full_zstd_len,
+                ),
+                other => anyhow::bail!("unexpected encoder choice {other:?}"),
+            };
+            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "codec {codec}: delta {} bytes, target {} bytes, full zstd -19 {full} bytes",
+                bytes.len(),
+                target_bytes.len()
+            );
+        }
+        DeltaCmd::Apply {
+            base,
+            delta: d,
+            out,
+            max_len,
+        } => {
+            let target = delta::apply(&read(&base)?, &read(&d)?, max_len)?;
+            std::fs::write(&out, &target).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} ({} bytes, hash checked)",
+                out.display(),
+                target.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -418,6 +498,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Delta(cmd) => delta_cmd(cmd)?,
         Command::Assign {
             server,
             model,
