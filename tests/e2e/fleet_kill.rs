@@ -88,8 +88,12 @@ fn killed_in_every_state_converges(broker: Broker) {
         let resting = matches!(phase.as_str(), "committed" | "failed" | "idle");
         if resting && status["assignment_counter"].as_u64() >= Some(counter) {
             let (target, installs) = &plan[step];
-            let active = f.device("k1")["status"]["models"][MODEL]["active_sha256"].clone();
-            if *installs && active != target.sha256.as_str() {
+            // The store says what serves (the server's view may lag a report behind); the
+            // agent may have just been restarted, so SIGKILL rather than SIGTERM.
+            dev.kill9();
+            let active = dev.check_store(&signed);
+            dev.start();
+            if *installs && active.as_deref() != Some(target.sha256.as_str()) {
                 // A kill during probation rolled back to the old model: assign again
                 // (a new counter) to run the update once more.
                 counter = f.assign(target, &["k1"])["k1"];
@@ -120,8 +124,11 @@ fn killed_in_every_state_converges(broker: Broker) {
             ))
         .then_some(())
     });
+    dev.kill9();
+    let active = dev.check_store(&signed);
+    dev.start();
     let mut at_least = 0;
-    if f.device("k1")["status"]["models"][MODEL]["active_sha256"] != target.sha256.as_str() {
+    if active.as_deref() != Some(target.sha256.as_str()) {
         at_least = f.assign(target, &["k1"])["k1"];
     }
     let s = f.wait_converged("k1", target, at_least);
