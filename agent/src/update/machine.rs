@@ -730,7 +730,7 @@ mod tests {
             m.step(
                 Event::AssignmentVerified {
                     jobs: vec![],
-                    counter: counter.clone(),
+                    counter,
                 },
                 1000,
             );
