@@ -283,6 +283,9 @@ fn bind(
         .message_expiry_interval(Duration::from_secs(3600))
         .handshake_timeout(HANDSHAKE_TIMEOUT)
         .nodelay(true)
+        // A restarted server must rebind while the old connections sit in TIME_WAIT
+        // (tokio's own listeners set it too).
+        .reuseaddr(Some(true))
         .bind()
         .and_then(|b| b.tcp())
         .map_err(|e| bind_error(name, addr, e))?;
