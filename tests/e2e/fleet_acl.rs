@@ -15,6 +15,11 @@ fn device_credentials_cannot_reach_another_device() {
     credentials_cannot_reach_another_device(Broker::Mosquitto);
 }
 
+#[test]
+fn device_credentials_cannot_reach_another_device_embedded() {
+    credentials_cannot_reach_another_device(Broker::Embedded);
+}
+
 fn credentials_cannot_reach_another_device(broker: Broker) {
     let (f, v1) = Fleet::start(broker);
     let mut devices = f.add_devices(&["x1", "x2"], |c| c.telemetry.upload_secs = 1);
@@ -30,14 +35,16 @@ fn credentials_cannot_reach_another_device(broker: Broker) {
         (d["telemetry_acked"].as_u64() > Some(0)).then_some(d)
     });
 
-    // The attacker has x1's bundle (its agent keeps running beside it).
+    // The attacker has x1's bundle (and x1's agent is off: the embedded broker wants
+    // the client id to be the username).
+    devices[0].stop();
     let password = std::fs::read_to_string(devices[0].bundle.join("credentials")).unwrap();
     let password = password.trim();
     assert!(
         Probe::try_connect(f.broker_port, "x2", "x2", password).is_err(),
         "x1's password logged in as x2"
     );
-    let mut probe = Probe::connect(f.broker_port, "x1-probe", "x1", password);
+    let mut probe = Probe::connect(f.broker_port, "x1", "x1", password);
     let own = DeviceTopics::new("x1").unwrap();
     let other = DeviceTopics::new("x2").unwrap();
     for topic in [
@@ -83,7 +90,18 @@ fn credentials_cannot_reach_another_device(broker: Broker) {
         }],
         drops: BTreeMap::new(),
     };
-    probe.publish(&other.telemetry, false, serde_json::to_vec(&batch).unwrap());
+    // Mosquitto acknowledges and drops a publish its ACL refuses; the embedded broker
+    // closes the connection: the attacker connects again.
+    let reconnect = |probe: &mut Probe| {
+        *probe = Probe::connect(f.broker_port, "x1", "x1", password);
+        probe.subscribe(&own.resp);
+    };
+    if probe
+        .try_publish(&other.telemetry, false, serde_json::to_vec(&batch).unwrap())
+        .is_err()
+    {
+        reconnect(&mut probe);
+    }
     let status = StatusReport {
         device_id: "x2".into(),
         agent_version: "forged".into(),
@@ -94,7 +112,12 @@ fn credentials_cannot_reach_another_device(broker: Broker) {
         last_error: None,
         bytes_received: BTreeMap::new(),
     };
-    probe.publish(&other.status, false, serde_json::to_vec(&status).unwrap());
+    if probe
+        .try_publish(&other.status, false, serde_json::to_vec(&status).unwrap())
+        .is_err()
+    {
+        reconnect(&mut probe);
+    }
     let id = 4_000_000_001;
     let req = Request {
         id,

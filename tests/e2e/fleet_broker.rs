@@ -8,6 +8,11 @@ fn broker_restart_mid_transfer_resumes() {
     restart_mid_transfer_resumes(Broker::Mosquitto);
 }
 
+#[test]
+fn broker_restart_mid_transfer_resumes_embedded() {
+    restart_mid_transfer_resumes(Broker::Embedded);
+}
+
 fn restart_mid_transfer_resumes(broker: Broker) {
     let (mut f, v1) = Fleet::start(broker);
     let window = 2;
@@ -25,7 +30,7 @@ fn restart_mid_transfer_resumes(broker: Broker) {
         (s["state"]["state"] == "fetching" && got >= quarter).then_some(())
     });
     let mut at_restart = 0;
-    f.broker.restart(|| {
+    f.restart_broker(|| {
         let s = dev.status().unwrap();
         at_restart = s["bytes_received"]["full"].as_u64().unwrap_or(0);
         assert_eq!(
@@ -34,7 +39,6 @@ fn restart_mid_transfer_resumes(broker: Broker) {
         );
         assert!(at_restart < v1.length, "{s}");
     });
-    f.wait_broker_connected();
 
     let s = f.wait_converged("b1", &v1, counter);
     let full = s["bytes_received"]["full"].as_u64().unwrap();

@@ -7,6 +7,11 @@ fn fleet_installs_full_then_delta() {
     installs_full_then_delta(Broker::Mosquitto);
 }
 
+#[test]
+fn fleet_installs_full_then_delta_embedded() {
+    installs_full_then_delta(Broker::Embedded);
+}
+
 fn installs_full_then_delta(broker: Broker) {
     let (f, v1) = Fleet::start(broker);
     let ids = ["a1", "a2", "a3"];

@@ -26,6 +26,11 @@ fn agent_killed_in_every_update_state_converges() {
     killed_in_every_state_converges(Broker::Mosquitto);
 }
 
+#[test]
+fn agent_killed_in_every_update_state_converges_embedded() {
+    killed_in_every_state_converges(Broker::Embedded);
+}
+
 fn killed_in_every_state_converges(broker: Broker) {
     let (f, v1) = Fleet::start(broker);
     let mut devices = f.add_devices(&["k1"], |c| {

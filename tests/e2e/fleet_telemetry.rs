@@ -28,6 +28,11 @@ fn telemetry_across_disconnects_and_kills_is_exact() {
     telemetry_is_exact(Broker::Mosquitto);
 }
 
+#[test]
+fn telemetry_across_disconnects_and_kills_is_exact_embedded() {
+    telemetry_is_exact(Broker::Embedded);
+}
+
 fn outbox_config() -> OutboxConfig {
     OutboxConfig {
         max_total_bytes: CAP,
@@ -124,8 +129,7 @@ fn telemetry_is_exact(broker: Broker) {
             dev.start();
         }
         if round != 1 {
-            f.broker.restart(|| {});
-            f.wait_broker_connected();
+            f.restart_broker(|| {});
         }
         disturbed.push((round, from, at, hw));
         wait_for(

@@ -5,9 +5,9 @@
 //!
 //! The broker is a parameter ([`Broker`]): Mosquitto from `docs/mosquitto/` with only its
 //! `DEPLOY` lines replaced, the password file written by the server
-//! (`--mosquitto-passwd-file`) and reloaded with SIGHUP after devices are added. Adding
-//! the embedded broker is one arm in [`Fleet::start`] (server arguments) and one in
-//! [`BrokerProc`] (restart and reload).
+//! (`--mosquitto-passwd-file`) and reloaded with SIGHUP after devices are added; or the
+//! broker embedded in `outpost-server serve` (`--mqtt`), which checks device passwords
+//! against the server's own table, and whose restart is a restart of the server.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -31,9 +31,7 @@ pub const MODEL: &str = "digits";
 pub enum Broker {
     /// Mosquitto 2.0 from the shipped config, the server maintaining its password file.
     Mosquitto,
-    /// The broker embedded in `outpost-server serve` (not available yet: the server has
-    /// no embedded broker; [`Fleet::start`] refuses it with a clear message).
-    #[allow(dead_code)]
+    /// The broker embedded in `outpost-server serve`.
     Embedded,
 }
 
@@ -175,26 +173,11 @@ impl Log {
 
 // ------------------------------------------------------------------ broker
 
-/// A running broker the test can restart and reload.
+/// The broker process, when it is not the server itself.
 pub enum BrokerProc {
     Mosquitto(Mosquitto),
-}
-
-impl BrokerProc {
-    /// Stops the broker, calls `while_down`, and starts it again on the same port with
-    /// the same persistence.
-    pub fn restart(&mut self, while_down: impl FnOnce()) {
-        match self {
-            BrokerProc::Mosquitto(m) => m.restart(while_down),
-        }
-    }
-
-    /// Makes the broker read device credentials again.
-    pub fn reload(&self) {
-        match self {
-            BrokerProc::Mosquitto(m) => m.reload(),
-        }
-    }
+    /// Inside `outpost-server serve`.
+    Embedded,
 }
 
 /// Mosquitto from `docs/mosquitto/outpost.conf` and `outpost.acl`.
@@ -306,11 +289,14 @@ pub struct Fleet {
     pub token: String,
     pub admin: ApiClient,
     pub broker_port: u16,
-    /// The server's broker password (user `outpost-server`, which may use every topic).
-    pub server_password: String,
+    /// The server's broker password (user `outpost-server`, which may use every topic);
+    /// the embedded broker has no such login for other clients.
+    pub server_password: Option<String>,
     pub broker: BrokerProc,
     pub log: Log,
     server: Child,
+    /// `outpost-server serve` arguments after the first start (no `--import-repo`).
+    restart_args: Vec<OsString>,
 }
 
 impl Fleet {
@@ -329,46 +315,38 @@ impl Fleet {
         let v1 = sign(&bins, &repo, "cnn_a.onnx", "1.0", &[]);
         let data = dir.path().join("data");
         let broker_port = free_port();
-        let server_password = format!("server-{}", std::process::id());
-        let pw_file = dir.path().join("server.pw");
-        std::fs::write(&pw_file, &server_password).unwrap();
+        let http = format!("127.0.0.1:{}", free_port());
+        let mut args: Vec<OsString> = vec![
+            "serve".into(),
+            "--data".into(),
+            data.clone().into(),
+            "--http".into(),
+            http.into(),
+        ];
+        let mut server_password = None;
         let passwd = dir.path().join("mosquitto.passwd");
-        let broker_args: Vec<OsString> = match kind {
-            Broker::Mosquitto => vec![
-                "--broker".into(),
-                format!("mqtt://127.0.0.1:{broker_port}").into(),
-                "--broker-password-file".into(),
-                pw_file.into(),
-                "--mosquitto-passwd-file".into(),
-                passwd.clone().into(),
-            ],
-            Broker::Embedded => {
-                panic!("Broker::Embedded: `outpost-server serve` has no embedded broker yet")
+        match kind {
+            Broker::Mosquitto => {
+                let pw = format!("server-{}", std::process::id());
+                let pw_file = dir.path().join("server.pw");
+                std::fs::write(&pw_file, &pw).unwrap();
+                server_password = Some(pw);
+                args.extend([
+                    "--broker".into(),
+                    format!("mqtt://127.0.0.1:{broker_port}").into(),
+                    "--broker-password-file".into(),
+                    pw_file.into(),
+                    "--mosquitto-passwd-file".into(),
+                    passwd.clone().into(),
+                ]);
             }
-        };
-        let mut server = Command::new(&bins.server)
-            .arg("serve")
-            .arg("--data")
-            .arg(&data)
-            .arg("--import-repo")
-            .arg(&repo)
-            .args(broker_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("outpost-server runs");
-        log.follow("server", server.stderr.take().unwrap());
-        let mut stdout = std::io::BufReader::new(server.stdout.take().unwrap());
-        let mut first = String::new();
-        let _ = stdout.read_line(&mut first);
-        let Some(url) = first.trim().strip_prefix("outpost-server: ") else {
-            let _ = server.kill();
-            log.dump(50);
-            panic!("outpost-server serve did not print its address: {first:?}");
-        };
-        let url = url.to_owned();
-        log.follow("server", stdout);
+            Broker::Embedded => {
+                args.extend(["--mqtt".into(), format!("127.0.0.1:{broker_port}").into()]);
+            }
+        }
+        let restart_args = args.clone();
+        args.extend(["--import-repo".into(), repo.clone().into()]);
+        let (server, url) = spawn_server(&bins, &args, &log);
         let token = std::fs::read_to_string(data.join("admin.token"))
             .unwrap()
             .trim()
@@ -378,7 +356,7 @@ impl Fleet {
             Broker::Mosquitto => {
                 BrokerProc::Mosquitto(Mosquitto::start(dir.path(), broker_port, &passwd, &log))
             }
-            Broker::Embedded => unreachable!("refused above"),
+            Broker::Embedded => BrokerProc::Embedded,
         };
         let fleet = Fleet {
             bins,
@@ -393,6 +371,7 @@ impl Fleet {
             broker,
             log,
             server,
+            restart_args,
         };
         fleet.wait_broker_connected();
         (fleet, v1)
@@ -403,6 +382,34 @@ impl Fleet {
             let h = self.admin.get("/api/v1/health").ok()?;
             (h["broker"] == "connected").then_some(())
         });
+    }
+
+    /// Stops the broker, calls `while_down`, and starts it again on the same port with
+    /// the same persistence. The embedded broker restarts with its server (SIGTERM, then
+    /// `serve` again on the same data directory and ports).
+    pub fn restart_broker(&mut self, while_down: impl FnOnce()) {
+        match &mut self.broker {
+            BrokerProc::Mosquitto(m) => m.restart(while_down),
+            BrokerProc::Embedded => {
+                signal(self.server.id(), "TERM");
+                let status = self.server.wait().unwrap();
+                assert!(status.success(), "outpost-server stopped with {status}");
+                while_down();
+                let (server, url) = spawn_server(&self.bins, &self.restart_args, &self.log);
+                assert_eq!(url, self.url, "the server came back on another address");
+                self.server = server;
+            }
+        }
+        self.wait_broker_connected();
+    }
+
+    /// Makes the broker read device credentials again (the embedded broker reads the
+    /// server's table on every connection).
+    pub fn reload_broker(&self) {
+        match &self.broker {
+            BrokerProc::Mosquitto(m) => m.reload(),
+            BrokerProc::Embedded => {}
+        }
     }
 
     /// `outpostctl` against this server; panics with its output unless it succeeds.
@@ -503,7 +510,7 @@ impl Fleet {
                 }
             })
             .collect();
-        self.broker.reload();
+        self.reload_broker();
         devices
     }
 
@@ -571,6 +578,30 @@ impl Drop for Fleet {
         let _ = self.server.kill();
         let _ = self.server.wait();
     }
+}
+
+/// Starts `outpost-server` and reads its HTTP address from the first stdout line.
+fn spawn_server(bins: &Bins, args: &[OsString], log: &Log) -> (Child, String) {
+    let mut server = Command::new(&bins.server)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("outpost-server runs");
+    log.follow("server", server.stderr.take().unwrap());
+    let mut stdout = std::io::BufReader::new(server.stdout.take().unwrap());
+    let mut first = String::new();
+    let _ = stdout.read_line(&mut first);
+    let Some(url) = first.trim().strip_prefix("outpost-server: ") else {
+        let _ = server.kill();
+        let _ = server.wait();
+        log.dump(50);
+        panic!("outpost-server serve did not print its address: {first:?}");
+    };
+    let url = url.to_owned();
+    log.follow("server", stdout);
+    (server, url)
 }
 
 fn ctl_ok(bins: &Bins, args: &[&str], server: Option<(&str, &str)>) -> String {
@@ -826,12 +857,44 @@ impl Probe {
     }
 
     /// Publishes at QoS 1 and waits for the broker's PUBACK (which Mosquitto also sends
-    /// for a publish its ACL drops).
-    pub fn publish(&mut self, topic: &str, retain: bool, payload: Vec<u8>) {
+    /// for a publish its ACL drops). Err when the broker closed the connection instead
+    /// (the embedded broker's answer to a publish its ACL refuses).
+    pub fn try_publish(
+        &mut self,
+        topic: &str,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<(), String> {
         self.client
             .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
-            .unwrap();
-        self.next("puback", |e| matches!(e, ProbeEvent::PubAck));
+            .map_err(|e| e.to_string())?;
+        if let Some(i) = self
+            .backlog
+            .iter()
+            .position(|e| matches!(e, ProbeEvent::PubAck))
+        {
+            self.backlog.remove(i);
+            return Ok(());
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(ProbeEvent::PubAck) => return Ok(()),
+                Ok(ev) => self.backlog.push(ev),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err("the broker closed the connection".into());
+                }
+                Err(e) => panic!("probe: no puback: {e}"),
+            }
+        }
+    }
+
+    /// [`Probe::try_publish`] that must be acknowledged.
+    pub fn publish(&mut self, topic: &str, retain: bool, payload: Vec<u8>) {
+        if let Err(e) = self.try_publish(topic, retain, payload) {
+            panic!("probe: publishing on {topic}: {e}");
+        }
     }
 
     /// Every message received so far and up to `until` returns true for one.
