@@ -411,9 +411,13 @@ impl Server {
     }
 }
 
+/// The update to `sha` finished: committed, or already back to rest. The retained
+/// assignment is redelivered when a restarted agent reconnects, which moves a committed
+/// machine to idle (no `update`) before the test may observe "committed"; the store's
+/// active pointer is what proves the install.
 fn committed(slot: &'static str, sha: String) -> impl Fn(&StatusReport) -> bool {
     move |s| {
-        s.update.as_ref().is_some_and(|u| u.state == "committed")
+        s.update.as_ref().is_none_or(|u| u.state == "committed")
             && s.models
                 .get(slot)
                 .is_some_and(|m| m.active_sha256.as_deref() == Some(sha.as_str()))
