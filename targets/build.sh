@@ -111,7 +111,11 @@ step "build (profile device)"
 # The agent daemon and liboutpost only: fleet-server is not a device target, and the TUF
 # conformance CLI (outpost-tuf-client) is a host tool; each binary costs a fat-LTO link.
 "$CARGO" build "${BUILD_STD[@]}" --profile device --target "$TRIPLE" \
-  -p outpost-agent -p outpost-sdk-c --lib --bin outpost-agent
+  -p outpost-agent --bin outpost-agent
+# `cargo rustc --crate-type`: the package also declares an rlib (for `cargo test`), and with
+# an rlib in the same rustc call LTO is silently skipped (rust-lang/cargo#9672).
+"$CARGO" rustc "${BUILD_STD[@]}" --profile device --target "$TRIPLE" \
+  -p outpost-sdk-c --lib --crate-type cdylib,staticlib
 OUT="$CARGO_TARGET_DIR/$TRIPLE/device"
 mkdir -p "$DIST"
 for f in outpost-agent liboutpost.so; do

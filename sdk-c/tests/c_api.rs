@@ -3,9 +3,10 @@
 //! Valgrind memcheck, linked statically, and installed with `install.sh` + pkg-config.
 //!
 //! The library is found next to this test binary: it runs from
-//! `$CARGO_TARGET_DIR/<profile>/deps/`, and cargo builds the package's cdylib and
-//! staticlib (`liboutpost.so`, `liboutpost.a`) into `$CARGO_TARGET_DIR/<profile>/` before
-//! its integration tests. The `.npy` fixtures are converted to raw little-endian `.bin`
+//! `$CARGO_TARGET_DIR/<profile>/deps/`, where cargo builds the package's cdylib and
+//! staticlib (`liboutpost.so`, `liboutpost.a`) before its integration tests. `cargo test`
+//! does not copy them up to `<profile>/` (only `cargo build` does), so a copy there may be
+//! missing on a cold cache or older than this test. The `.npy` fixtures are converted to raw little-endian `.bin`
 //! files in a temp dir so that the C side needs no parser.
 
 use std::path::{Path, PathBuf};
@@ -26,12 +27,12 @@ fn fixtures() -> PathBuf {
     manifest_dir().join("../tests/fixtures/models")
 }
 
-/// `$CARGO_TARGET_DIR/<profile>`, where cargo put `liboutpost.so` and `liboutpost.a`.
+/// `$CARGO_TARGET_DIR/<profile>/deps`, where cargo put this test and the `liboutpost.so`
+/// and `liboutpost.a` built with it.
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe
         .parent()
-        .and_then(Path::parent)
         .expect("test binary lives in <target>/<profile>/deps")
         .to_path_buf();
     for lib in ["liboutpost.so", "liboutpost.a"] {

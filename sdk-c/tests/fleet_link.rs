@@ -167,7 +167,11 @@ fn rows(name: &str, n: usize) -> Vec<u8> {
 fn build_asan(src: &Path, exe: &Path, tmp: &Path) {
     let lib = tmp.join("lib");
     std::fs::create_dir_all(&lib).unwrap();
-    let so = profile_dir().join("liboutpost.so");
+    // Beside this test binary in <profile>/deps: `cargo test` builds the cdylib there and
+    // does not copy it up to <profile>/ as `cargo build` does.
+    let so = std::env::current_exe()
+        .expect("test binary path")
+        .with_file_name("liboutpost.so");
     assert!(so.exists(), "{} missing", so.display());
     for name in ["liboutpost.so", "liboutpost.so.0"] {
         std::os::unix::fs::symlink(&so, lib.join(name)).unwrap();
