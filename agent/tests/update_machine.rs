@@ -307,6 +307,112 @@ fn redelivered_assignment_changes_nothing() {
 }
 
 #[test]
+fn redelivered_assignment_keeps_the_committed_outcome() {
+    let mut m = Machine::default();
+    chain(
+        &mut m,
+        &[
+            (Event::AssignmentReceived, "verifying"),
+            (verified(vec![job("digits", NEW)]), "listing"),
+            (listed(vec![full(NEW)]), "fetching"),
+            (Event::Fetched, "reconstructing"),
+            (Event::Reconstructed, "installing"),
+            (Event::Installed { now_ms: 1 }, "probation"),
+            (
+                Event::Tick {
+                    now_ms: PROBATION + 1,
+                },
+                "committed",
+            ),
+        ],
+    );
+    let committed = m.phase.clone();
+    // The retained assignment again, at every reconnect: nothing to do, and the
+    // machine still says what the last update did.
+    for _ in 0..3 {
+        let actions = chain(
+            &mut m,
+            &[
+                (Event::AssignmentReceived, "verifying"),
+                (verified(vec![]), "committed"),
+            ],
+        );
+        assert_eq!(m.phase, committed);
+        assert_eq!(m.outcome, None);
+        assert_eq!(installs(&actions), 0);
+        assert_eq!(reports(&actions), vec![]);
+    }
+    // A real new update still starts from there.
+    chain(
+        &mut m,
+        &[
+            (Event::AssignmentReceived, "verifying"),
+            (verified(vec![job("digits", OLD)]), "listing"),
+        ],
+    );
+    assert_eq!(m.outcome, None);
+}
+
+#[test]
+fn redelivered_assignment_keeps_the_failure_and_its_reason() {
+    let mut m = Machine::default();
+    chain(
+        &mut m,
+        &[
+            (Event::AssignmentReceived, "verifying"),
+            (verified(vec![job("digits", NEW)]), "listing"),
+            (listed(vec![full(NEW)]), "fetching"),
+            (Event::Fetched, "reconstructing"),
+            (Event::Reconstructed, "installing"),
+            (Event::InstallFailed(fail(FailureKind::Gate)), "failed"),
+        ],
+    );
+    let failed = m.phase.clone();
+    let actions = chain(
+        &mut m,
+        &[
+            (Event::AssignmentReceived, "verifying"),
+            (verified(vec![]), "failed"),
+        ],
+    );
+    assert_eq!(m.phase, failed);
+    assert_eq!(reports(&actions), vec![FailureKind::Gate]);
+    // A rejected assignment is a new failure, and it replaces the old one.
+    chain(
+        &mut m,
+        &[
+            (Event::AssignmentReceived, "verifying"),
+            (
+                Event::AssignmentRejected(fail(FailureKind::Signature)),
+                "failed",
+            ),
+        ],
+    );
+    assert!(matches!(
+        &m.phase,
+        Phase::Failed { failure, job: None } if failure.kind == FailureKind::Signature
+    ));
+    assert_eq!(m.outcome, None);
+}
+
+#[test]
+fn power_loss_while_verifying_a_redelivered_assignment_keeps_the_outcome() {
+    let committed = Phase::Committed {
+        job: job("digits", NEW),
+    };
+    let mut m = Machine {
+        phase: committed.clone(),
+        ..Machine::default()
+    };
+    m.step(Event::AssignmentReceived, PROBATION);
+    let mut m: Machine = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+    assert_eq!(m.phase, Phase::Verifying);
+    let actions = m.recover(&Facts::default(), 1);
+    assert_eq!(m.phase, committed);
+    assert!(!actions.contains(&Action::Verify));
+}
+
+#[test]
 fn gate_and_budget_failures_fail_typed_without_activation() {
     for kind in [FailureKind::Gate, FailureKind::Budget, FailureKind::Disk] {
         let mut m = Machine::default();

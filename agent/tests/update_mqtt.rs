@@ -16,8 +16,8 @@ use outpost_protocol::tuf::{
     Envelope, MetaFile, Root, SigningKey, Snapshot, TargetFile, Targets, Timestamp, UtcTime,
 };
 use outpost_protocol::wire::{
-    Artifact, ArtifactKind, ArtifactList, DeviceTopics, Request, RequestBody, Response, Status,
-    StatusReport, TelemetryAck, TelemetryBatch,
+    Artifact, ArtifactKind, ArtifactList, DeviceTopics, Encoding, Request, RequestBody, Response,
+    Status, StatusReport, TelemetryAck, TelemetryBatch, metadata,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
@@ -196,9 +196,27 @@ struct Served {
     acked: u64,
     /// Drop (do not ack) this many upcoming telemetry batches.
     drop_batches: u32,
+    /// Metadata body bytes answered to ranged requests.
+    meta_bytes: u64,
+    /// A fault in ranged answers for `targets`.
+    meta_fault: Option<MetaFault>,
+    /// Every status report received, in order.
+    statuses: Vec<StatusReport>,
+}
+
+/// What a hostile or broken server does to ranged `targets` metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetaFault {
+    /// A few kilobytes of zstd that decode to 8 MiB.
+    Bomb,
+    /// 8 MiB announced, more than any targets role may have.
+    Endless,
+    /// The next range is one byte short.
+    Truncate,
 }
 
 struct Server {
+    catalog: Arc<Catalog>,
     client: AsyncClient,
     topics: DeviceTopics,
     served: Arc<Mutex<Served>>,
@@ -237,6 +255,7 @@ async fn start_server(port: u16, catalog: Arc<Catalog>) -> Server {
     let (status_tx, status) = watch::channel(None);
     let (paused_tx, paused) = watch::channel(false);
     let (c2, t2, s2) = (client.clone(), topics.clone(), served.clone());
+    let cat2 = catalog.clone();
     tokio::spawn(async move {
         loop {
             match el.poll().await {
@@ -248,6 +267,7 @@ async fn start_server(port: u16, catalog: Arc<Catalog>) -> Server {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if p.topic == t2.status {
                         if let Ok(r) = serde_json::from_slice::<StatusReport>(&p.payload) {
+                            s2.lock().unwrap().statuses.push(r.clone());
                             status_tx.send_replace(Some(r));
                         }
                     } else if p.topic == t2.telemetry {
@@ -290,6 +310,7 @@ async fn start_server(port: u16, catalog: Arc<Catalog>) -> Server {
         }
     });
     Server {
+        catalog: cat2,
         client,
         topics,
         served,
@@ -305,11 +326,40 @@ fn answer(
     paused: &watch::Sender<bool>,
 ) -> Option<Response> {
     Some(match &req.body {
-        RequestBody::Metadata { role, version } => {
-            match cat.repo.lock().unwrap().meta.get(&(role.clone(), *version)) {
-                Some(b) => Response::ok(req.id, b.clone()),
-                None => Response::fail(req.id, Status::NotFound, "no such metadata"),
+        RequestBody::Metadata {
+            role,
+            version,
+            offset,
+            len,
+            accept_zstd,
+        } => {
+            let Some(raw) = cat
+                .repo
+                .lock()
+                .unwrap()
+                .meta
+                .get(&(role.clone(), *version))
+                .cloned()
+            else {
+                return Some(Response::fail(req.id, Status::NotFound, "no such metadata"));
+            };
+            let Some(len) = len else {
+                return Some(Response::ok(req.id, raw));
+            };
+            let mut s = served.lock().unwrap();
+            let (file, encoding) = match s.meta_fault.filter(|_| role == "targets") {
+                Some(MetaFault::Bomb) => (metadata::compress(&vec![b' '; 8 << 20]), Encoding::Zstd),
+                Some(MetaFault::Endless) => (vec![b' '; 8 << 20], Encoding::Identity),
+                _ if *accept_zstd => (metadata::compress(&raw), Encoding::Zstd),
+                _ => (raw, Encoding::Identity),
+            };
+            let mut r = metadata::serve_range(req.id, &file, encoding, offset.unwrap_or(0), *len);
+            if s.meta_fault == Some(MetaFault::Truncate) && r.body.len() > 1 {
+                s.meta_fault = None;
+                r.body.truncate(r.body.len() - 1);
             }
+            s.meta_bytes += r.body.len() as u64;
+            r
         }
         RequestBody::Artifacts { sha256, bases, .. } => {
             let ids = cat
@@ -406,18 +456,42 @@ impl Server {
             .unwrap();
     }
 
+    fn targets_json_len(&self) -> u64 {
+        self.catalog.repo.lock().unwrap().meta[&("targets".to_string(), None)].len() as u64
+    }
+
+    /// Waits until `n` status reports newer than `after` arrived; returns them.
+    async fn statuses_after(&self, after: u64, n: usize) -> Vec<StatusReport> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let got: Vec<StatusReport> = {
+                let s = self.served.lock().unwrap();
+                s.statuses
+                    .iter()
+                    .filter(|r| r.seq > after)
+                    .cloned()
+                    .collect()
+            };
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {n} status reports after {after}: {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn resume(&self) {
         self.served.lock().unwrap().pause_after = None;
     }
 }
 
-/// The update to `sha` finished: committed, or already back to rest. The retained
-/// assignment is redelivered when a restarted agent reconnects, which moves a committed
-/// machine to idle (no `update`) before the test may observe "committed"; the store's
-/// active pointer is what proves the install.
+/// The update to `sha` is committed (a redelivered assignment leaves it so).
 fn committed(slot: &'static str, sha: String) -> impl Fn(&StatusReport) -> bool {
     move |s| {
-        s.update.as_ref().is_none_or(|u| u.state == "committed")
+        s.update.as_ref().is_some_and(|u| u.state == "committed")
             && s.models
                 .get(slot)
                 .is_some_and(|m| m.active_sha256.as_deref() == Some(sha.as_str()))
@@ -609,6 +683,14 @@ async fn installs_full_model_then_update_by_delta() {
     let delta_bytes = served.chunk_bytes["delta"];
     assert!(delta_bytes > 0 && delta_bytes < w.ft.len() as u64);
     assert_eq!(s.bytes_received.get("delta"), Some(&delta_bytes));
+    // Metadata came in compressed ranges, and the device counted what the wire carried.
+    let targets_json = w.server.targets_json_len();
+    assert!(
+        served.meta_bytes > 0 && served.meta_bytes < targets_json,
+        "{}",
+        served.meta_bytes
+    );
+    assert_eq!(s.bytes_received.get("metadata"), Some(&served.meta_bytes));
     assert_eq!(
         s.models[w.slot].active.as_deref(),
         Some("models/cnn_a_ft.onnx")
@@ -708,6 +790,154 @@ async fn resumes_after_sigkill_mid_transfer_and_never_activates_a_partial_model(
     );
     let store_bytes = std::fs::read(w.bundle.join("data/blobs/sha256").join(sha(&w.base))).unwrap();
     assert_eq!(store_bytes, w.base);
+}
+
+/// The persisted update state (`outpost-agent status`).
+fn status_cli(bundle: &Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost-agent"))
+        .args(["status", "--config"])
+        .arg(bundle.join("agent.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_stays_committed_after_the_assignment_is_redelivered() {
+    let w = world(2).await;
+    let mut agent = AgentProc::start(&w.bundle, 4096);
+    w.server
+        .assign(assignment(&w, "models/cnn_a.onnx", 1))
+        .await;
+    let s0 = w
+        .server
+        .wait_status("install", committed(w.slot, sha(&w.base)))
+        .await;
+    assert!(agent.sigterm().success());
+    // The restarted agent reports its recovered state, reconnects, and gets the retained
+    // assignment again: verified, nothing to do.
+    let _agent = AgentProc::start(&w.bundle, 4096);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let cli = status_cli(&w.bundle);
+        // A redelivery resets the transition count: verifying, then back to rest.
+        if cli["transitions"] == 2 {
+            assert_eq!(cli["state"]["state"], "committed", "{cli}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no redelivery: {cli}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Recovery, connection, verifying, back at rest: every report says committed.
+    let reports = w.server.statuses_after(s0.seq, 4).await;
+    for r in &reports {
+        assert!(committed(w.slot, sha(&w.base))(r), "{r:?}");
+        assert!(r.last_error.is_none(), "{r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_keeps_the_failure_reason_after_the_assignment_is_redelivered() {
+    let w = world(2).await;
+    w.server.served.lock().unwrap().tamper = u32::MAX;
+    let mut agent = AgentProc::start(&w.bundle, 4096);
+    w.server
+        .assign(assignment(&w, "models/cnn_a.onnx", 1))
+        .await;
+    let failed = |s: &StatusReport| {
+        s.update.as_ref().is_some_and(|u| u.state == "failed")
+            && s.last_error.as_ref().is_some_and(|e| e.kind == "hash")
+    };
+    let s0 = w.server.wait_status("typed failure", failed).await;
+    assert!(agent.sigterm().success());
+    let _agent = AgentProc::start(&w.bundle, 4096);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while status_cli(&w.bundle)["transitions"] != 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no redelivery");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for r in w.server.statuses_after(s0.seq, 4).await {
+        assert!(failed(&r), "{r:?}");
+        assert!(r.models.is_empty(), "{r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_bomb_in_metadata_fails_the_update_and_a_good_server_then_works() {
+    let w = world(2).await;
+    w.server.served.lock().unwrap().meta_fault = Some(MetaFault::Bomb);
+    let mut agent = AgentProc::start(&w.bundle, 4096);
+    w.server
+        .assign(assignment(&w, "models/cnn_a.onnx", 1))
+        .await;
+    let s = w
+        .server
+        .wait_status("the bomb refused", |s| {
+            s.last_error.as_ref().is_some_and(|e| e.kind == "transfer")
+        })
+        .await;
+    let e = s.last_error.unwrap();
+    assert!(e.message.contains("more than"), "{e:?}");
+    assert!(s.models.is_empty());
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent survived"
+    );
+    // Good/bad pair: the same device installs once the server behaves.
+    w.server.served.lock().unwrap().meta_fault = None;
+    w.server
+        .assign(assignment(&w, "models/cnn_a.onnx", 2))
+        .await;
+    w.server
+        .wait_status("install", committed(w.slot, sha(&w.base)))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_metadata_is_refused_after_its_first_range() {
+    let w = world(2).await;
+    w.server.served.lock().unwrap().meta_fault = Some(MetaFault::Endless);
+    let _agent = AgentProc::start(&w.bundle, 4096);
+    w.server
+        .assign(assignment(&w, "models/cnn_a.onnx", 1))
+        .await;
+    let s = w
+        .server
+        .wait_status("the oversized targets refused", |s| {
+            s.last_error.as_ref().is_some_and(|e| e.kind == "transfer")
+        })
+        .await;
+    assert!(s.models.is_empty());
+    // One range of the 8 MiB was sent, besides the small roles.
+    let meta = w.server.served.lock().unwrap().meta_bytes;
+    assert!(
+        meta < 2 * u64::from(outpost_protocol::wire::CHUNK_LEN),
+        "{meta}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_metadata_range_is_asked_again() {
+    let w = world(2).await;
+    w.server.served.lock().unwrap().meta_fault = Some(MetaFault::Truncate);
+    let _agent = AgentProc::start(&w.bundle, 4096);
+    w.server
+        .assign(assignment(&w, "models/cnn_a.onnx", 1))
+        .await;
+    let s = w
+        .server
+        .wait_status("install", committed(w.slot, sha(&w.base)))
+        .await;
+    assert!(s.last_error.is_none(), "{s:?}");
+    assert_eq!(
+        w.server.served.lock().unwrap().meta_fault,
+        None,
+        "the fault fired"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -342,6 +342,9 @@ fn device_fetches_metadata_and_a_chunk_over_the_embedded_broker() {
         RequestBody::Metadata {
             role: "root".into(),
             version: Some(1),
+            offset: None,
+            len: None,
+            accept_zstd: false,
         },
     );
     assert_eq!(r.header.status, Status::Ok);

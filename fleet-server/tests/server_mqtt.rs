@@ -52,6 +52,9 @@ impl Remote for MqttRemote<'_> {
         let r = self.ask(RequestBody::Metadata {
             role: role.into(),
             version,
+            offset: None,
+            len: None,
+            accept_zstd: false,
         });
         match r.header.status {
             Status::Ok if r.body.len() as u64 > max_len => {
@@ -233,6 +236,9 @@ fn device_verifies_its_retained_assignment_and_fetches_the_delta_over_mqtt() {
         RequestBody::Metadata {
             role: "../keys/director".into(),
             version: None,
+            offset: None,
+            len: None,
+            accept_zstd: false,
         },
     ] {
         assert_eq!(remote.ask(body).header.status, Status::NotFound);

@@ -27,6 +27,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub mod metadata;
+
 /// Protocol version in every topic.
 pub const VERSION: &str = "v1";
 /// Largest MQTT payload either side sends or accepts (a chunk plus its header).
@@ -165,12 +167,26 @@ pub struct Request {
 #[non_exhaustive]
 pub enum RequestBody {
     /// TUF metadata of the image repository: `ROLE.json`, or `VERSION.ROLE.json`.
+    ///
+    /// Without `len`, the whole file in one response (refused when it does not fit a
+    /// message). With `len`, the range `[offset, offset + len)` of the file as encoded
+    /// for this device (zstd when `accept_zstd` and smaller), with `total`, `offset`,
+    /// `encoding` and `etag` in the response header ([`metadata`]).
     Metadata {
         /// Role name (`root`, `timestamp`, `snapshot`, `targets`, or a delegated role).
         role: String,
         /// Version, for root chains and consistent snapshots.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         version: Option<u64>,
+        /// First byte of the encoded file (ranged requests; 0 when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        /// Range length, 1 to [`CHUNK_LEN`]; present = a ranged request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        len: Option<u32>,
+        /// The device decodes zstd ([`Encoding::Zstd`]); only meaningful with `len`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        accept_zstd: bool,
     },
     /// The artifacts that reconstruct a target: the full file and any deltas from
     /// the bases the device has.
@@ -213,13 +229,27 @@ impl Request {
             what: "request",
             reason: e.to_string(),
         })?;
-        if let RequestBody::Chunk { len, .. } = r.body
-            && (len == 0 || len > CHUNK_LEN)
-        {
-            return Err(WireError::Malformed {
+        let bad = |reason: String| {
+            Err(WireError::Malformed {
                 what: "request",
-                reason: format!("chunk length {len} not in 1..={CHUNK_LEN}"),
-            });
+                reason,
+            })
+        };
+        match &r.body {
+            RequestBody::Chunk { len, .. } if *len == 0 || *len > CHUNK_LEN => {
+                return bad(format!("chunk length {len} not in 1..={CHUNK_LEN}"));
+            }
+            RequestBody::Metadata { len: Some(len), .. } if *len == 0 || *len > CHUNK_LEN => {
+                return bad(format!(
+                    "metadata range length {len} not in 1..={CHUNK_LEN}"
+                ));
+            }
+            RequestBody::Metadata {
+                offset: Some(_),
+                len: None,
+                ..
+            } => return bad("metadata offset without a range length".into()),
+            _ => {}
         }
         Ok(r)
     }
@@ -254,6 +284,25 @@ pub struct ResponseHeader {
     /// For chunks: the offset of the body.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
+    /// For metadata ranges: how the file whose range this is was encoded (absent =
+    /// [`Encoding::Identity`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<Encoding>,
+    /// For metadata ranges: sha256 (hex) of the whole encoded file. A device stitches
+    /// ranges of one etag only and starts again when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+}
+
+/// How a metadata body is encoded on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Encoding {
+    /// The file's own bytes.
+    Identity,
+    /// One zstd frame with its content size ([`metadata::compress`]).
+    Zstd,
 }
 
 /// A response: header plus raw body (metadata bytes, chunk bytes, or JSON
@@ -277,6 +326,8 @@ impl Response {
                 message: None,
                 total: None,
                 offset: None,
+                encoding: None,
+                etag: None,
             },
             body,
         }
@@ -291,6 +342,8 @@ impl Response {
                 message: Some(message.into()),
                 total: None,
                 offset: None,
+                encoding: None,
+                etag: None,
             },
             body: Vec::new(),
         }
@@ -604,7 +657,10 @@ mod tests {
             Request::from_bytes(meta).unwrap().body,
             RequestBody::Metadata {
                 role: "root".into(),
-                version: Some(3)
+                version: Some(3),
+                offset: None,
+                len: None,
+                accept_zstd: false,
             }
         );
     }

@@ -124,6 +124,9 @@ fn credentials_cannot_reach_another_device(broker: Broker) {
         body: RequestBody::Metadata {
             role: "timestamp".into(),
             version: None,
+            offset: None,
+            len: None,
+            accept_zstd: false,
         },
     };
     probe.publish(&own.req, false, req.to_bytes());

@@ -23,6 +23,7 @@ use outpost_protocol::tuf::{
     self, FetchError, MetadataStore, Remote, TargetFile, TargetHasher, Updater, UpdaterConfig,
     UtcTime,
 };
+use outpost_protocol::wire::metadata::{MetadataError, MetadataFetch};
 use outpost_protocol::wire::{
     self, Artifact, ArtifactKind, ArtifactList, FailureReport, RequestBody, SlotStatus, Status,
     StatusReport, TelemetryBatch, TelemetryRecord, UpdateProgress,
@@ -40,6 +41,8 @@ use crate::monitor::window::WindowConfig;
 use crate::store::BlobHash;
 
 const META_TIMEOUT: Duration = Duration::from_secs(10);
+/// Answers for another range than asked tolerated in one metadata fetch.
+const META_ATTEMPTS: u32 = 4;
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
 const CHUNK_ATTEMPTS: u32 = 4;
 const TELEMETRY_RESEND: Duration = Duration::from_secs(30);
@@ -622,7 +625,12 @@ impl Daemon {
                 },
             );
         }
-        let phase = &self.machine.phase;
+        // Checking an assignment is not an update yet: until it starts one, the last
+        // update's outcome is what the device reports.
+        let phase = match (&self.machine.phase, &self.machine.outcome) {
+            (Phase::Verifying, Some(outcome)) => outcome,
+            (phase, _) => phase,
+        };
         let update = phase.job().map(|job| {
             let (done, total, kind) = match phase {
                 Phase::Fetching {
@@ -750,33 +758,43 @@ struct LinkRemote<'a> {
 }
 
 impl Remote for LinkRemote<'_> {
+    /// Fetches the file in ranges of [`wire::CHUNK_LEN`], zstd-compressed when the
+    /// server finds that smaller ([`MetadataFetch`]): the encoded total and the decoded
+    /// file are both capped at `max_len`, a file that changes mid-fetch is fetched again
+    /// from its first byte, and a range that does not match its request is asked again
+    /// (at most [`META_ATTEMPTS`] times). `bytes.metadata` counts every body byte
+    /// received.
     fn fetch_metadata(
         &mut self,
         role: &str,
         version: Option<u64>,
         max_len: u64,
     ) -> Result<Vec<u8>, FetchError> {
-        let body = RequestBody::Metadata {
-            role: role.to_owned(),
-            version,
+        let mut fetch = MetadataFetch::new(role, version, max_len, wire::CHUNK_LEN, true);
+        let mut mismatches = 0;
+        let result = loop {
+            let resp = match self
+                .handle
+                .block_on(self.link.call(fetch.request(), META_TIMEOUT, 3))
+            {
+                Ok(r) => r,
+                Err(e) => break Err(FetchError::Transport(e.to_string())),
+            };
+            match fetch.accept(&resp) {
+                Ok(Some(bytes)) => break Ok(bytes),
+                Ok(None) => {}
+                Err(MetadataError::Mismatch(_)) if mismatches < META_ATTEMPTS => {
+                    mismatches += 1;
+                }
+                Err(MetadataError::NotFound) => break Err(FetchError::NotFound),
+                Err(MetadataError::TooLarge { .. }) => {
+                    break Err(FetchError::TooLarge { max: max_len });
+                }
+                Err(e) => break Err(FetchError::Transport(e.to_string())),
+            }
         };
-        let resp = self
-            .handle
-            .block_on(self.link.call(body, META_TIMEOUT, 3))
-            .map_err(|e| FetchError::Transport(e.to_string()))?;
-        match resp.header.status {
-            Status::Ok if resp.body.len() as u64 > max_len => {
-                Err(FetchError::TooLarge { max: max_len })
-            }
-            Status::Ok => {
-                let _ = self.db.bump("bytes.metadata", resp.body.len() as u64);
-                Ok(resp.body)
-            }
-            Status::NotFound => Err(FetchError::NotFound),
-            _ => Err(FetchError::Transport(
-                resp.header.message.unwrap_or_else(|| "server error".into()),
-            )),
-        }
+        let _ = self.db.bump("bytes.metadata", fetch.wire_bytes());
+        result
     }
 
     fn fetch_target(&mut self, _path: &str, _max_len: u64) -> Result<Vec<u8>, FetchError> {

@@ -329,6 +329,11 @@ pub struct Machine {
     /// State changes of the current job.
     #[serde(default)]
     pub transitions: u32,
+    /// While verifying: how the last update ended (committed or failed), restored when
+    /// the assignment starts no update (a retained assignment redelivered at every
+    /// reconnect), so the status keeps saying what the last update did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Phase>,
 }
 
 impl Default for Machine {
@@ -338,6 +343,7 @@ impl Default for Machine {
             queue: Vec::new(),
             excluded: Vec::new(),
             transitions: 0,
+            outcome: None,
         }
     }
 }
@@ -358,16 +364,21 @@ impl Machine {
                 // A new update: the cap counts its own state changes only. Assignments
                 // that need no job (redelivered at every reconnect) must not add up.
                 self.transitions = 0;
+                self.outcome = (!matches!(p, P::Idle)).then_some(p);
                 (P::Verifying, vec![Action::Verify])
             }
             (P::Verifying, E::AssignmentVerified { jobs, counter }) => {
                 self.queue = jobs;
                 let mut actions = vec![Action::PersistCounter(counter)];
-                let (next, more) = self.next_job(P::Idle);
+                let rest = self.outcome.take().unwrap_or(P::Idle);
+                let (next, more) = self.next_job(rest);
                 actions.extend(more);
                 (next, actions)
             }
-            (P::Verifying, E::AssignmentRejected(f)) => fail(None, f),
+            (P::Verifying, E::AssignmentRejected(f)) => {
+                self.outcome = None;
+                fail(None, f)
+            }
             (P::Listing { job }, E::ArtifactsListed { artifacts, held }) => {
                 match choose(&job, &artifacts, &held, &self.excluded) {
                     Some(artifact) => (
@@ -520,8 +531,9 @@ impl Machine {
             // Nothing was in flight.
             P::Idle => (P::Idle, vec![]),
             // The counter was not persisted yet: the broker redelivers the retained
-            // assignment at subscribe and it is verified afresh.
-            P::Verifying => (P::Idle, vec![]),
+            // assignment at subscribe and it is verified afresh; until then the last
+            // update's outcome stands.
+            P::Verifying => (self.outcome.take().unwrap_or(P::Idle), vec![]),
             // Resume: the server is stateless; ask again.
             P::Listing { job } => (
                 P::Listing { job: job.clone() },

@@ -9,6 +9,7 @@
 //! - [`client`]: a blocking client of the REST API (`outpostctl`, tests).
 //! - [`db`], [`repository`], [`artifacts`], [`director`], [`auth`]: storage, the image
 //!   repository, content-addressed artifacts, assignment signing and credentials.
+//! - [`metadata`]: metadata for devices in ranges, zstd-compressed once per content.
 //!
 //! [`start`] runs everything and returns a [`RunningServer`]; `docs/server.md` is the
 //! operator's guide.
@@ -20,6 +21,7 @@ pub mod broker;
 pub mod client;
 pub mod db;
 pub mod director;
+pub mod metadata;
 pub mod mqtt;
 pub mod repository;
 
@@ -235,6 +237,8 @@ pub struct Core {
     server_user: Option<(String, String)>,
     /// Serializes operations that change the repository or the password file.
     write_lock: Mutex<()>,
+    /// Metadata as encoded for devices, per content.
+    meta_cache: metadata::MetadataCache,
 }
 
 fn unix(now: UtcTime) -> i64 {
@@ -277,6 +281,7 @@ impl Core {
             embedded_broker: matches!(cfg.broker, BrokerLink::Embedded(_)),
             server_user,
             write_lock: Mutex::new(()),
+            meta_cache: metadata::MetadataCache::default(),
         };
         let staged = core.repo.refresh(now, false)?;
         core.index(&staged)?;
@@ -795,10 +800,22 @@ impl Core {
     fn answer(&self, body: &RequestBody) -> Result<Response> {
         const MAX_BODY: usize = wire::MAX_PAYLOAD - 4 - wire::MAX_HEADER;
         match body {
-            RequestBody::Metadata { role, version } => {
+            RequestBody::Metadata {
+                role,
+                version,
+                offset,
+                len,
+                accept_zstd,
+            } => {
                 let bytes = self.repo.metadata(role, *version)?.ok_or_else(|| {
                     ServerError::NotFound(format!("no metadata {role} {version:?}"))
                 })?;
+                if let Some(len) = len {
+                    let len = (*len).clamp(1, wire::CHUNK_LEN);
+                    let offset = offset.unwrap_or(0);
+                    return Ok(self.meta_cache.range(&bytes, *accept_zstd, offset, len));
+                }
+                // Agents from before ranged metadata: the whole file, if it fits.
                 if bytes.len() > MAX_BODY {
                     return Err(ServerError::Rejected(format!(
                         "{role} metadata is {} bytes, over the {MAX_BODY}-byte message cap",
