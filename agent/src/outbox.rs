@@ -17,11 +17,19 @@
 //!    but only from classes no higher than `C`. A higher class is never evicted to make
 //!    room for a lower one.
 //!
-//! If even that cannot make room, nothing is evicted and the new record is dropped. Every
-//! evicted or dropped record is counted in its class's drop counters ([`Tally`]:
-//! records and bytes), which are persisted, cumulative, and travel with every [`Batch`].
-//! Cumulative counters make redelivered batches harmless: the server keeps the largest
-//! value it has seen.
+//! If even that cannot make room, nothing is evicted and the new record is dropped
+//! (*rejected*: it never gets a sequence number). Every evicted or rejected record is
+//! counted in its class's drop counters ([`Tally`]: records and bytes), which are
+//! persisted and cumulative; rejections are also counted on their own
+//! ([`Outbox::rejected_counters`]).
+//!
+//! An evicted record may already be stored on the server: it was in a batch whose ack
+//! had not arrived yet. Counting it as dropped would count it twice, so every eviction
+//! is also remembered by sequence (table `evicted`, until acknowledged) and travels in
+//! [`Batch::evicted`]; the server counts as dropped only the evicted sequences it never
+//! stored, plus the cumulative rejections (docs/server.md, "Telemetry accounting").
+//! The outbox does not protect records in flight instead: the ack may never come, and a
+//! full outbox must still make room for events.
 //!
 //! # Upload order and acknowledgements
 //!
@@ -34,8 +42,11 @@
 //!
 //! Eviction leaves gaps in the sequence, so each batch says which range it covers:
 //! every record still held with a sequence in `(after_seq, covers_to]` is in the batch, and
-//! a sequence in that range that is absent has been evicted (and counted). The server can
-//! therefore advance its contiguous watermark to `covers_to` once it has stored the batch.
+//! a sequence in that range that is absent has been evicted (and is listed in
+//! [`Batch::evicted`]). The server can therefore advance its contiguous watermark to
+//! `covers_to` once it has stored the batch. A batch lists at most
+//! [`MAX_EVICTED_PER_BATCH`] evictions; with more pending, its range ends before the
+//! first one that does not fit.
 //!
 //! # Ages
 //!
@@ -48,7 +59,7 @@
 //! usable wall clock, time spent switched off is not counted and ages are lower bounds.
 //! A record's age is `timeline_now - created_ms` when the batch is read.
 //!
-//! # On-disk format (`outbox.db`, schema version 1 in `PRAGMA user_version`)
+//! # On-disk format (`outbox.db`, schema version 2 in `PRAGMA user_version`)
 //!
 //! ```sql
 //! CREATE TABLE records (
@@ -61,7 +72,11 @@
 //! CREATE INDEX records_by_class ON records (class, seq);
 //! CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 //!   -- next_seq (sequence high-water mark + 1), acked_seq, clock_ms, clock_wall_ms
-//! CREATE TABLE drops (class INTEGER PRIMARY KEY, records INTEGER NOT NULL, bytes INTEGER NOT NULL);
+//! CREATE TABLE drops (class INTEGER PRIMARY KEY, records INTEGER NOT NULL, bytes INTEGER NOT NULL,
+//!   rejected_records INTEGER NOT NULL DEFAULT 0, rejected_bytes INTEGER NOT NULL DEFAULT 0);
+//!   -- records/bytes: evicted plus rejected; rejected_*: rejected only (version 2)
+//! CREATE TABLE evicted (seq INTEGER PRIMARY KEY, class INTEGER NOT NULL, size INTEGER NOT NULL);
+//!   -- evictions not yet acknowledged (version 2)
 //! ```
 //!
 //! Sequence numbers and usage counters are cached in memory, so a file must have one
@@ -94,9 +109,13 @@ use serde::{Deserialize, Serialize};
 use crate::db;
 
 /// Schema version of `outbox.db` written by this build.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
-const MIGRATIONS: &[&str] = &[r"
+/// Largest number of [`Batch::evicted`] entries in one batch (the wire's cap).
+pub const MAX_EVICTED_PER_BATCH: usize = outpost_protocol::wire::MAX_EVICTED;
+
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE records (
   seq INTEGER PRIMARY KEY,
   class INTEGER NOT NULL,
@@ -107,7 +126,17 @@ CREATE TABLE records (
 CREATE INDEX records_by_class ON records (class, seq);
 CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE drops (class INTEGER PRIMARY KEY, records INTEGER NOT NULL, bytes INTEGER NOT NULL);
-"];
+",
+    r"
+CREATE TABLE evicted (
+  seq INTEGER PRIMARY KEY,
+  class INTEGER NOT NULL,
+  size INTEGER NOT NULL
+);
+ALTER TABLE drops ADD COLUMN rejected_records INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE drops ADD COLUMN rejected_bytes INTEGER NOT NULL DEFAULT 0;
+",
+];
 
 /// Wall-clock readings before this (2020-01-01) are treated as "no clock".
 const BELIEVABLE_WALL_MS: u64 = 1_577_836_800_000;
@@ -445,8 +474,67 @@ pub struct Batch {
     pub covers_to: u64,
     /// The records, by increasing sequence.
     pub records: Vec<Record>,
-    /// Cumulative drop counters per class.
+    /// Cumulative drop counters per class (evicted plus rejected).
     pub drops: PerClass<Tally>,
+    /// Records evicted with a sequence in `(after_seq, covers_to]`, by increasing
+    /// sequence; at most [`MAX_EVICTED_PER_BATCH`].
+    pub evicted: Vec<Evicted>,
+    /// Cumulative counters of rejected records (never given a sequence) per class.
+    pub rejected: PerClass<Tally>,
+}
+
+/// A record evicted before it was acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its class.
+    pub class: Class,
+    /// Its payload bytes.
+    pub bytes: u64,
+}
+
+impl Batch {
+    /// The wire form of this batch for `device_id`. JSON payloads are sent as JSON,
+    /// anything else as a (lossy UTF-8) string.
+    pub fn to_wire(self, device_id: &str) -> outpost_protocol::wire::TelemetryBatch {
+        use std::collections::BTreeMap;
+        let per_class = |t: PerClass<Tally>| -> BTreeMap<String, [u64; 2]> {
+            Class::ALL
+                .iter()
+                .map(|c| (c.as_str().to_owned(), *t.get(*c)))
+                .filter(|(_, t)| t.records > 0)
+                .map(|(c, t)| (c, [t.records, t.bytes]))
+                .collect()
+        };
+        let mut evicted: BTreeMap<String, Vec<[u64; 2]>> = BTreeMap::new();
+        for e in &self.evicted {
+            evicted
+                .entry(e.class.as_str().to_owned())
+                .or_default()
+                .push([e.seq, e.bytes]);
+        }
+        outpost_protocol::wire::TelemetryBatch {
+            device_id: device_id.to_owned(),
+            after_seq: self.after_seq,
+            covers_to: self.covers_to,
+            records: self
+                .records
+                .into_iter()
+                .map(|r| outpost_protocol::wire::TelemetryRecord {
+                    seq: r.seq,
+                    class: r.class.as_str().into(),
+                    age_ms: r.age_ms,
+                    payload: serde_json::from_slice(&r.payload).unwrap_or_else(|_| {
+                        serde_json::Value::String(String::from_utf8_lossy(&r.payload).into())
+                    }),
+                })
+                .collect(),
+            drops: per_class(self.drops),
+            evicted: Some(evicted),
+            rejected: Some(per_class(self.rejected)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -455,6 +543,7 @@ struct Counters {
     acked: u64,
     usage: PerClass<Tally>,
     drops: PerClass<Tally>,
+    rejected: PerClass<Tally>,
 }
 
 impl Counters {
@@ -543,13 +632,19 @@ impl Outbox {
                     bytes: nonneg(row.get(2)?)?,
                 };
             }
-            let mut stmt = conn.prepare("SELECT class, records, bytes FROM drops")?;
+            let mut stmt = conn.prepare(
+                "SELECT class, records, bytes, rejected_records, rejected_bytes FROM drops",
+            )?;
             let mut rows = stmt.query([])?;
             while let Some(row) = rows.next()? {
                 let class = class_of(row.get(0)?)?;
                 *counters.drops.get_mut(class) = Tally {
                     records: nonneg(row.get(1)?)?,
                     bytes: nonneg(row.get(2)?)?,
+                };
+                *counters.rejected.get_mut(class) = Tally {
+                    records: nonneg(row.get(3)?)?,
+                    bytes: nonneg(row.get(4)?)?,
                 };
             }
         }
@@ -618,7 +713,7 @@ impl Outbox {
             write_counter(&tx, "next_seq", next.next_seq)?;
             write_clock(&tx, now, wall)?;
             if next.drops != counters.drops {
-                write_drops(&tx, &next.drops)?;
+                write_drops(&tx, &next.drops, &next.rejected)?;
             }
             tx.commit()?;
             Ok(outcomes)
@@ -675,12 +770,20 @@ impl Outbox {
         }
         if !admitted {
             counters.drops.get_mut(class).add(size);
+            counters.rejected.get_mut(class).add(size);
             return Ok(PushOutcome::Dropped);
         }
         {
             let mut delete = tx.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
+            let mut remember =
+                tx.prepare_cached("INSERT INTO evicted (seq, class, size) VALUES (?1, ?2, ?3)")?;
             for (seq, victim_class, vsize) in victims {
                 delete.execute([db::to_i64(seq)])?;
+                remember.execute(params![
+                    db::to_i64(seq),
+                    victim_class.rank(),
+                    db::to_i64(vsize)
+                ])?;
                 counters.usage.get_mut(victim_class).sub(vsize);
                 counters.drops.get_mut(victim_class).add(vsize);
             }
@@ -741,16 +844,44 @@ impl Outbox {
             }
         }
         let high_water = counters.next_seq - 1;
-        let covers_to = if truncated {
+        let mut covers_to = if truncated {
             records.last().map_or(counters.acked, |last| last.seq)
         } else {
             high_water
-        };
+        }
+        .max(counters.acked);
+        let mut evicted = Vec::new();
+        {
+            let mut stmt = state.conn.prepare_cached(
+                "SELECT seq, class, size FROM evicted WHERE seq > ?1 AND seq <= ?2
+                 ORDER BY seq LIMIT ?3",
+            )?;
+            let mut rows = stmt.query(params![
+                db::to_i64(counters.acked),
+                db::to_i64(covers_to),
+                db::to_i64(MAX_EVICTED_PER_BATCH as u64 + 1)
+            ])?;
+            while let Some(row) = rows.next()? {
+                evicted.push(Evicted {
+                    seq: nonneg(row.get(0)?)?,
+                    class: class_of(row.get(1)?)?,
+                    bytes: nonneg(row.get(2)?)?,
+                });
+            }
+        }
+        if evicted.len() > MAX_EVICTED_PER_BATCH {
+            // Evicted sequences are above `acked`, so the range stays non-empty.
+            covers_to = evicted[MAX_EVICTED_PER_BATCH].seq - 1;
+            evicted.truncate(MAX_EVICTED_PER_BATCH);
+            records.retain(|r| r.seq <= covers_to);
+        }
         Ok(Batch {
             after_seq: counters.acked,
-            covers_to: covers_to.max(counters.acked),
+            covers_to,
             records,
             drops: counters.drops,
+            evicted,
+            rejected: counters.rejected,
         })
     }
 
@@ -792,6 +923,7 @@ impl Outbox {
                 }
             }
             tx.execute("DELETE FROM records WHERE seq <= ?1", [db::to_i64(up_to)])?;
+            tx.execute("DELETE FROM evicted WHERE seq <= ?1", [db::to_i64(up_to)])?;
             next.acked = up_to;
             write_counter(&tx, "acked_seq", up_to)?;
             write_clock(&tx, now, wall)?;
@@ -809,6 +941,12 @@ impl Outbox {
     /// Cumulative drop counters (evicted plus rejected records) per class.
     pub fn drop_counters(&self) -> PerClass<Tally> {
         self.state().counters.drops
+    }
+
+    /// Cumulative counters of rejected records (no room even after evictions; never
+    /// given a sequence number) per class. Counted since schema version 2.
+    pub fn rejected_counters(&self) -> PerClass<Tally> {
+        self.state().counters.rejected
     }
 
     /// Records and payload bytes currently held per class.
@@ -895,17 +1033,26 @@ fn write_clock(tx: &Transaction<'_>, now: u64, wall: Option<u64>) -> rusqlite::R
     }
 }
 
-fn write_drops(tx: &Transaction<'_>, drops: &PerClass<Tally>) -> rusqlite::Result<()> {
+fn write_drops(
+    tx: &Transaction<'_>,
+    drops: &PerClass<Tally>,
+    rejected: &PerClass<Tally>,
+) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO drops (class, records, bytes) VALUES (?1, ?2, ?3)
-         ON CONFLICT(class) DO UPDATE SET records = excluded.records, bytes = excluded.bytes",
+        "INSERT INTO drops (class, records, bytes, rejected_records, rejected_bytes)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(class) DO UPDATE SET records = excluded.records, bytes = excluded.bytes,
+           rejected_records = excluded.rejected_records, rejected_bytes = excluded.rejected_bytes",
     )?;
     for class in Class::ALL {
         let tally = drops.get(class);
+        let rejected = rejected.get(class);
         stmt.execute(params![
             class.rank(),
             db::to_i64(tally.records),
-            db::to_i64(tally.bytes)
+            db::to_i64(tally.bytes),
+            db::to_i64(rejected.records),
+            db::to_i64(rejected.bytes)
         ])?;
     }
     Ok(())
@@ -1375,6 +1522,128 @@ mod tests {
         drop(conn);
         let err = Outbox::open(&path, unlimited(1)).unwrap_err();
         assert!(matches!(err, OutboxError::SchemaTooNew { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn evictions_are_listed_by_sequence_until_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(None);
+        let mut config = unlimited(1 << 20);
+        config.quotas.window = Quota {
+            max_bytes: Some(100),
+            max_records: Some(2),
+        };
+        {
+            let outbox = open(dir.path(), config.clone(), &clock);
+            for i in 1..=4u8 {
+                outbox.push(Class::Window, &[i; 10]).unwrap();
+            }
+            // Over the byte quota on its own: rejected, no sequence, not in `evicted`.
+            assert_eq!(
+                outbox.push(Class::Window, &[0; 101]).unwrap(),
+                PushOutcome::Dropped
+            );
+            outbox.push(Class::Event, b"e").unwrap();
+        }
+        let outbox = open(dir.path(), config, &clock);
+        let batch = outbox.read_batch(100, 1 << 20).unwrap();
+        assert_eq!((batch.after_seq, batch.covers_to), (0, 5));
+        assert_eq!(
+            batch.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
+        let evicted = |seq| Evicted {
+            seq,
+            class: Class::Window,
+            bytes: 10,
+        };
+        assert_eq!(batch.evicted, [evicted(1), evicted(2)]);
+        assert_eq!(
+            batch.rejected.window,
+            Tally {
+                records: 1,
+                bytes: 101
+            }
+        );
+        assert_eq!(batch.drops.window.records, 3);
+        let wire = batch.to_wire("d");
+        assert_eq!(
+            wire.evicted.as_ref().unwrap()["window"],
+            vec![[1, 10], [2, 10]]
+        );
+        assert_eq!(wire.rejected.as_ref().unwrap()["window"], [1, 101]);
+        let bytes = serde_json::to_vec(&wire).unwrap();
+        assert_eq!(
+            outpost_protocol::wire::TelemetryBatch::from_bytes(&bytes).unwrap(),
+            wire
+        );
+        // A batch that ends before an eviction does not list it.
+        let first = outbox.read_batch(0, 1 << 20).unwrap();
+        assert!(first.evicted.is_empty());
+        outbox.ack(1).unwrap();
+        assert_eq!(
+            outbox.read_batch(100, 1 << 20).unwrap().evicted,
+            [evicted(2)]
+        );
+        outbox.ack(5).unwrap();
+        assert!(outbox.read_batch(100, 1 << 20).unwrap().evicted.is_empty());
+        let left: i64 = outbox
+            .state()
+            .conn
+            .query_row("SELECT COUNT(*) FROM evicted", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+    }
+
+    #[test]
+    fn evicted_list_is_capped_and_ends_the_range_before_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(None);
+        let mut config = unlimited(1 << 20);
+        config.quotas.sample = Quota {
+            max_bytes: None,
+            max_records: Some(1),
+        };
+        let outbox = open(dir.path(), config, &clock);
+        let n = MAX_EVICTED_PER_BATCH as u64 + 5;
+        let payload = [1u8; 3];
+        outbox
+            .push_many((0..n).map(|_| (Class::Sample, payload.as_slice())))
+            .unwrap();
+        let batch = outbox.read_batch(100, 1 << 20).unwrap();
+        assert!(batch.records.is_empty());
+        assert_eq!(batch.evicted.len(), MAX_EVICTED_PER_BATCH);
+        assert_eq!(batch.covers_to, MAX_EVICTED_PER_BATCH as u64);
+        assert_eq!(batch.evicted.last().unwrap().seq, batch.covers_to);
+        outbox.ack(batch.covers_to).unwrap();
+        let batch = outbox.read_batch(100, 1 << 20).unwrap();
+        assert_eq!(batch.evicted.len(), 4);
+        assert_eq!(batch.records.len(), 1);
+        assert_eq!(batch.covers_to, n);
+    }
+
+    #[test]
+    fn schema_1_outbox_is_migrated_with_its_records_and_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        {
+            let mut conn = db::open(&path).unwrap();
+            db::migrate(&mut conn, &MIGRATIONS[..1]).unwrap();
+            conn.execute_batch(
+                "INSERT INTO records VALUES (7, 1, 0, 2, x'0102');
+                 INSERT INTO counters VALUES ('next_seq', 8), ('acked_seq', 6);
+                 INSERT INTO drops VALUES (0, 6, 60);",
+            )
+            .unwrap();
+        }
+        let clock = ManualClock::new(None);
+        let outbox = open(dir.path(), unlimited(1 << 20), &clock);
+        let batch = outbox.read_batch(100, 1 << 20).unwrap();
+        assert_eq!((batch.after_seq, batch.covers_to), (6, 7));
+        assert_eq!(batch.records[0].payload, [1, 2]);
+        assert_eq!(batch.drops.sample.records, 6);
+        assert_eq!(batch.rejected, PerClass::default());
+        assert!(batch.evicted.is_empty());
     }
 
     #[test]

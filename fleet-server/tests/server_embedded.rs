@@ -198,6 +198,8 @@ fn telemetry(device: &str, seq: u64, payload: serde_json::Value) -> Vec<u8> {
             payload,
         }],
         drops: Default::default(),
+        evicted: None,
+        rejected: None,
     })
     .unwrap()
 }

@@ -261,6 +261,8 @@ fn batch(dev: &str, after: u64, to: u64, seqs: &[u64]) -> Vec<u8> {
         covers_to: to,
         records: seqs.iter().map(|&s| record(s)).collect(),
         drops: BTreeMap::from([("sample".to_owned(), [2, 100])]),
+        evicted: None,
+        rejected: None,
     })
     .unwrap()
 }

@@ -517,9 +517,18 @@ pub struct TelemetryRecord {
     pub payload: serde_json::Value,
 }
 
+/// Largest number of [`TelemetryBatch::evicted`] entries in one batch. A device with more
+/// evictions pending ends the batch's range before the first one that does not fit.
+pub const MAX_EVICTED: usize = 1024;
+
 /// A batch of outbox records. Every record the device still held in
 /// `(after_seq, covers_to]` is in `records`; sequence numbers missing from that range
-/// were evicted (and counted in `drops`).
+/// were evicted (and listed in `evicted` by agents that send it).
+///
+/// Drop accounting is exact with `evicted`: the server counts an evicted sequence as
+/// dropped only when it never stored that record (a batch it stored may be evicted on
+/// the device before the ack arrives), plus the `rejected` records, which never got a
+/// sequence number. `drops` stays for servers that predate `evicted`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TelemetryBatch {
     /// Device id.
@@ -530,9 +539,19 @@ pub struct TelemetryBatch {
     pub covers_to: u64,
     /// Records in sequence order.
     pub records: Vec<TelemetryRecord>,
-    /// Cumulative drop counters by class: `[records, bytes]`.
+    /// Cumulative drop counters by class: `[records, bytes]` (evicted plus rejected).
     #[serde(default)]
     pub drops: BTreeMap<String, [u64; 2]>,
+    /// Records evicted on the device with a sequence in `(after_seq, covers_to]`, by
+    /// class: `[seq, bytes]` by increasing `seq`, at most [`MAX_EVICTED`] in all. `None`
+    /// from agents that only send `drops`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evicted: Option<BTreeMap<String, Vec<[u64; 2]>>>,
+    /// Cumulative records refused when pushed (no room even after evictions; they never
+    /// got a sequence number), by class: `[records, bytes]`. `None` from agents that only
+    /// send `drops`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<BTreeMap<String, [u64; 2]>>,
 }
 
 impl TelemetryBatch {
@@ -560,6 +579,30 @@ impl TelemetryBatch {
                 what: "telemetry batch",
                 reason: "records out of order or outside (after_seq, covers_to]".into(),
             });
+        }
+        if let Some(evicted) = &b.evicted {
+            let mut seqs: Vec<u64> = evicted.values().flatten().map(|e| e[0]).collect();
+            if seqs.len() > MAX_EVICTED {
+                return Err(WireError::Malformed {
+                    what: "telemetry batch",
+                    reason: format!("{} evicted entries, over {MAX_EVICTED}", seqs.len()),
+                });
+            }
+            seqs.sort_unstable();
+            let distinct = seqs.windows(2).all(|w| w[0] < w[1]);
+            let valid = seqs.iter().all(|s| {
+                *s > b.after_seq
+                    && *s <= b.covers_to
+                    && b.records.binary_search_by_key(s, |r| r.seq).is_err()
+            });
+            if !distinct || !valid {
+                return Err(WireError::Malformed {
+                    what: "telemetry batch",
+                    reason: "evicted sequences repeated, outside (after_seq, covers_to] \
+                             or also among the records"
+                        .into(),
+                });
+            }
         }
         Ok(b)
     }
@@ -679,6 +722,8 @@ mod tests {
             covers_to: 14,
             records: vec![rec(11), rec(13)],
             drops: BTreeMap::from([("sample".to_owned(), [2, 300])]),
+            evicted: None,
+            rejected: None,
         };
         let ok = serde_json::to_vec(&b).unwrap();
         assert_eq!(TelemetryBatch::from_bytes(&ok).unwrap(), b);
@@ -686,5 +731,55 @@ mod tests {
         assert!(TelemetryBatch::from_bytes(&serde_json::to_vec(&b).unwrap()).is_err());
         b.records = vec![rec(10)];
         assert!(TelemetryBatch::from_bytes(&serde_json::to_vec(&b).unwrap()).is_err());
+    }
+
+    #[test]
+    fn telemetry_evicted_lists_are_checked_and_optional() {
+        let rec = |seq| TelemetryRecord {
+            seq,
+            class: "window".into(),
+            age_ms: 5,
+            payload: serde_json::json!({"n": seq}),
+        };
+        let batch = |evicted: Vec<(&str, Vec<[u64; 2]>)>| TelemetryBatch {
+            device_id: "d".into(),
+            after_seq: 10,
+            covers_to: 14,
+            records: vec![rec(11), rec(13)],
+            drops: BTreeMap::new(),
+            evicted: Some(
+                evicted
+                    .into_iter()
+                    .map(|(c, e)| (c.to_owned(), e))
+                    .collect(),
+            ),
+            rejected: Some(BTreeMap::from([("sample".to_owned(), [1, 9])])),
+        };
+        let decode =
+            |b: &TelemetryBatch| TelemetryBatch::from_bytes(&serde_json::to_vec(b).unwrap());
+        let ok = batch(vec![("sample", vec![[12, 40]]), ("window", vec![[14, 8]])]);
+        assert_eq!(decode(&ok).unwrap(), ok);
+        // Outside the range, equal to a record's sequence, or listed twice: refused.
+        assert!(decode(&batch(vec![("sample", vec![[10, 1]])])).is_err());
+        assert!(decode(&batch(vec![("sample", vec![[15, 1]])])).is_err());
+        assert!(decode(&batch(vec![("sample", vec![[13, 1]])])).is_err());
+        assert!(
+            decode(&batch(vec![
+                ("sample", vec![[12, 1]]),
+                ("event", vec![[12, 1]])
+            ]))
+            .is_err()
+        );
+        let mut big = batch(vec![]);
+        big.covers_to = 10 + MAX_EVICTED as u64 + 10;
+        big.evicted = Some(BTreeMap::from([(
+            "sample".to_owned(),
+            (14..15 + MAX_EVICTED as u64).map(|s| [s, 1]).collect(),
+        )]));
+        assert!(decode(&big).is_err());
+        // An older agent's batch has neither field, and an older server ignores them.
+        let old = br#"{"device_id":"d","after_seq":0,"covers_to":1,"records":[],"drops":{}}"#;
+        let b = TelemetryBatch::from_bytes(old).unwrap();
+        assert_eq!((b.evicted, b.rejected), (None, None));
     }
 }

@@ -89,6 +89,8 @@ fn credentials_cannot_reach_another_device(broker: Broker) {
             payload: serde_json::json!({"forged": true}),
         }],
         drops: BTreeMap::new(),
+        evicted: None,
+        rejected: None,
     };
     // Mosquitto acknowledges and drops a publish its ACL refuses; the embedded broker
     // closes the connection: the attacker connects again.

@@ -1,5 +1,6 @@
 //! Telemetry across agent kills and broker restarts: the server stores every record the
-//! device wrote except those the device evicted and counted, each exactly once.
+//! device wrote except those the device evicted, each exactly once, and counts as dropped
+//! exactly the records it never stored.
 //!
 //! `outpost-agent run` has no inference surface of its own, so the device's app is
 //! played by this test: between daemon runs it opens the device's data directory with
@@ -8,20 +9,20 @@
 
 use std::time::{Duration, Instant};
 
-use outpost_agent::outbox::{Outbox, OutboxConfig};
+use outpost_agent::outbox::{Batch, Class, Outbox, OutboxConfig, PushOutcome, Quota};
 use outpost_agent::{Agent, AgentConfig};
+use outpost_protocol::wire::{DeviceTopics, TelemetryAck};
 
-use crate::support::{Broker, Device, Fleet, MODEL, fixtures, wait_for};
+use crate::support::{Broker, Device, Fleet, MODEL, Probe, fixtures, wait_for};
 
 /// Outbox cap of the device.
 const CAP: u64 = 1024 * 1024;
 
 /// Windows the app writes per round. A window summary is about 8 KB, so the outbox holds
-/// about 125: round 1 overflows it before any upload; rounds 2 and 3 fit even beside the
-/// last batch of the round before, which the server stored but whose ack the stopped
-/// daemon may not have processed (evicting such a record would count it as dropped
-/// although the server has it).
-const ROUNDS: [(u32, u64); 3] = [(1, 300), (2, 100), (3, 100)];
+/// about 125: rounds 1 and 3 overflow it before any upload. The last batch of the round
+/// before may be stored on the server while the stopped daemon never processed its ack;
+/// evicting it must not count it as dropped (`evicted_after_storage_*` forces that case).
+const ROUNDS: [(u32, u64); 3] = [(1, 300), (2, 100), (3, 200)];
 
 #[test]
 fn telemetry_across_disconnects_and_kills_is_exact() {
@@ -144,14 +145,14 @@ fn telemetry_is_exact(broker: Broker) {
     let outbox = Outbox::open(&dev.data.join("outbox.db"), outbox_config()).unwrap();
     let written = outbox.high_water();
     let drops = outbox.drop_counters();
-    let evicted =
-        drops.event.records + drops.label.records + drops.window.records + drops.sample.records;
+    let rejected = outbox.rejected_counters();
     assert_eq!(written, hw, "the daemon wrote records after the app");
     assert!(
         drops.window.records > 0,
         "round 1 was meant to overflow the outbox"
     );
     assert_eq!(drops.event.records, 0, "events were evicted for windows");
+    assert_eq!(rejected.window.records, 0, "a window did not fit alone");
 
     let stored = f.telemetry("m1");
     let seqs: Vec<u64> = stored.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
@@ -159,20 +160,107 @@ fn telemetry_is_exact(broker: Broker) {
         seqs.windows(2).all(|w| w[0] < w[1]),
         "duplicate (device, seq) stored"
     );
-    assert_eq!(
-        seqs.len() as u64,
-        written - evicted,
-        "stored {} of {written} written with {evicted} evicted",
-        seqs.len()
-    );
     let d = f.device("m1");
     assert_eq!(d["telemetry_acked"].as_u64(), Some(written));
+    let dropped = |class: &str| d["telemetry_drops"][class][0].as_u64().unwrap_or(0);
+    let server_dropped: u64 = ["event", "label", "window", "sample"]
+        .into_iter()
+        .map(dropped)
+        .sum();
     assert_eq!(
-        d["telemetry_drops"]["window"][0].as_u64(),
-        Some(drops.window.records),
-        "{d}"
+        seqs.len() as u64,
+        written - server_dropped,
+        "stored {} of {written} written with {server_dropped} counted as dropped: {d}",
+        seqs.len()
     );
+    // The device evicted at least what the server never got (more when it evicted
+    // records the server had stored before their ack arrived).
+    assert!(dropped("window") > 0 && dropped("window") <= drops.window.records);
     let windows = stored.iter().filter(|r| r["class"] == "window").count() as u64;
     let total: u64 = ROUNDS.iter().map(|(_, n)| n).sum();
-    assert_eq!(windows, total - drops.window.records);
+    assert_eq!(windows, total - dropped("window"));
+}
+
+#[test]
+fn evicted_after_storage_is_not_counted_as_dropped() {
+    evicted_after_storage(Broker::Mosquitto);
+}
+
+#[test]
+fn evicted_after_storage_is_not_counted_as_dropped_embedded() {
+    evicted_after_storage(Broker::Embedded);
+}
+
+/// The device is played by this test with its bundle's credentials and the agent's real
+/// outbox, so that it can hold back an ack: the server stores a batch, the device never
+/// applies the ack (lost, or the agent was killed first) and evicts the batch's records
+/// under its quota. The server must count as dropped only what it never stored.
+fn evicted_after_storage(broker: Broker) {
+    let (f, _v1) = Fleet::start(broker);
+    let devices = f.add_devices(&["t1"], |_| {});
+    let dev = &devices[0];
+    let password = std::fs::read_to_string(dev.bundle.join("credentials")).unwrap();
+    let mut probe = Probe::connect(f.broker_port, "t1", "t1", password.trim());
+    let topics = DeviceTopics::new("t1").unwrap();
+    probe.subscribe(&topics.ack);
+    let mut upload = |batch: Batch| {
+        let covers_to = batch.covers_to;
+        let wire = serde_json::to_vec(&batch.to_wire("t1")).unwrap();
+        probe.publish(&topics.telemetry, false, wire);
+        probe.messages_until(&format!("the ack of {covers_to}"), |p| {
+            p.topic == topics.ack
+                && serde_json::from_slice::<TelemetryAck>(&p.payload)
+                    .is_ok_and(|a| a.acked == covers_to)
+        });
+        covers_to
+    };
+
+    let mut config = OutboxConfig::default();
+    config.quotas.window = Quota {
+        max_bytes: Some(1024),
+        max_records: Some(4),
+    };
+    std::fs::create_dir_all(&dev.data).unwrap();
+    let outbox = Outbox::open(&dev.data.join("outbox.db"), config).unwrap();
+    let window = |i: u32| serde_json::to_vec(&serde_json::json!({ "window": i })).unwrap();
+    let mut pushed = 0;
+    for i in 0..4 {
+        outbox.push(Class::Window, &window(i)).unwrap();
+        pushed += 1;
+    }
+    assert_eq!(upload(outbox.read_batch(256, 96 * 1024).unwrap()), 4);
+    // The ack of (0, 4] never reaches the outbox. Four windows evict the four stored
+    // ones, two more evict two that were never sent, and one is too large for the quota.
+    for i in 4..10 {
+        outbox.push(Class::Window, &window(i)).unwrap();
+        pushed += 1;
+    }
+    let big = serde_json::to_vec(&serde_json::json!({ "pad": "x".repeat(2000) })).unwrap();
+    assert_eq!(
+        outbox.push(Class::Window, &big).unwrap(),
+        PushOutcome::Dropped
+    );
+    pushed += 1;
+    let batch = outbox.read_batch(256, 96 * 1024).unwrap();
+    assert_eq!(batch.after_seq, 0);
+    assert_eq!(
+        batch.evicted.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+    outbox.ack(upload(batch)).unwrap();
+
+    let seqs: Vec<u64> = f
+        .telemetry("t1")
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 7, 8, 9, 10]);
+    let d = f.device("t1");
+    assert_eq!(d["telemetry_acked"].as_u64(), Some(10), "{d}");
+    // Records 5 and 6 plus the rejected one; the device itself counts 7 (what servers
+    // before `evicted` reported: 8 stored + 7 dropped for 11 written).
+    assert_eq!(outbox.drop_counters().window.records, 7);
+    let dropped = d["telemetry_drops"]["window"][0].as_u64().unwrap();
+    assert_eq!(dropped, 3, "{d}");
+    assert_eq!(seqs.len() as u64 + dropped, pushed);
 }

@@ -26,7 +26,7 @@ use outpost_protocol::tuf::{
 use outpost_protocol::wire::metadata::{MetadataError, MetadataFetch};
 use outpost_protocol::wire::{
     self, Artifact, ArtifactKind, ArtifactList, FailureReport, RequestBody, SlotStatus, Status,
-    StatusReport, TelemetryBatch, TelemetryRecord, UpdateProgress,
+    StatusReport, UpdateProgress,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -691,35 +691,7 @@ impl Daemon {
         if batch.records.is_empty() && batch.covers_to == batch.after_seq {
             return;
         }
-        let d = batch.drops;
-        let drops = [
-            ("event", d.event),
-            ("label", d.label),
-            ("window", d.window),
-            ("sample", d.sample),
-        ]
-        .into_iter()
-        .filter(|(_, t)| t.records > 0)
-        .map(|(c, t)| (c.to_owned(), [t.records, t.bytes]))
-        .collect();
-        let out = TelemetryBatch {
-            device_id: self.bundle.device_id.clone(),
-            after_seq: batch.after_seq,
-            covers_to: batch.covers_to,
-            records: batch
-                .records
-                .into_iter()
-                .map(|r| TelemetryRecord {
-                    seq: r.seq,
-                    class: r.class.as_str().into(),
-                    age_ms: r.age_ms,
-                    payload: serde_json::from_slice(&r.payload).unwrap_or_else(|_| {
-                        serde_json::Value::String(String::from_utf8_lossy(&r.payload).into())
-                    }),
-                })
-                .collect(),
-            drops,
-        };
+        let out = batch.to_wire(&self.bundle.device_id);
         match self.link.publish_telemetry(&out).await {
             Ok(()) => self.telemetry_inflight = Some((out.covers_to, Instant::now())),
             Err(e) => warn(&format!("telemetry upload: {e}")),

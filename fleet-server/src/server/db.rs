@@ -67,6 +67,22 @@ CREATE TABLE IF NOT EXISTS telemetry_ranges (
     covers_to INTEGER NOT NULL,
     PRIMARY KEY (device, after_seq, covers_to)
 );
+CREATE TABLE IF NOT EXISTS telemetry_evicted (
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    class TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (device, seq)
+);
+CREATE TABLE IF NOT EXISTS telemetry_drop_totals (
+    device TEXT NOT NULL,
+    class TEXT NOT NULL,
+    evicted_records INTEGER NOT NULL DEFAULT 0,
+    evicted_bytes INTEGER NOT NULL DEFAULT 0,
+    rejected_records INTEGER NOT NULL DEFAULT 0,
+    rejected_bytes INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (device, class)
+);
 CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -621,6 +637,11 @@ impl Db {
     /// Stores a batch's records (deduplicated by `(device, seq)`), records the range
     /// `(after_seq, covers_to]` as complete, advances the device's contiguous watermark
     /// over every complete range that touches it, and returns the watermark.
+    ///
+    /// Drops: an evicted sequence counts only when no record with it is stored (a
+    /// record stored later un-counts it), rejections are cumulative on the device (the
+    /// largest value seen is kept). `telemetry_drops` is their sum per class; for a
+    /// batch without `evicted` (older agents) it is the batch's own `drops`.
     pub fn ingest_telemetry(
         &self,
         device: &str,
@@ -634,14 +655,71 @@ impl Db {
                 "INSERT OR IGNORE INTO telemetry (device, seq, class, age_ms, payload, received)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
+            let mut unevict = tx.prepare(
+                "DELETE FROM telemetry_evicted WHERE device = ?1 AND seq = ?2 RETURNING class, bytes",
+            )?;
+            let mut uncount = tx.prepare(
+                "UPDATE telemetry_drop_totals SET evicted_records = evicted_records - 1,
+                 evicted_bytes = evicted_bytes - ?3 WHERE device = ?1 AND class = ?2",
+            )?;
             for r in &batch.records {
-                ins.execute(params![
+                let stored = ins.execute(params![
                     device,
                     r.seq as i64,
                     r.class,
                     r.age_ms as i64,
                     r.payload.to_string(),
                     now
+                ])?;
+                if stored == 0 {
+                    continue;
+                }
+                // Delivered late, after a batch that listed it as evicted.
+                let counted: Option<(String, i64)> = unevict
+                    .query_row(params![device, r.seq as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .optional()?;
+                if let Some((class, bytes)) = counted {
+                    uncount.execute(params![device, class, bytes])?;
+                }
+            }
+        }
+        if let Some(evicted) = &batch.evicted {
+            let mut ins = tx.prepare(
+                "INSERT OR IGNORE INTO telemetry_evicted (device, seq, class, bytes)
+                 SELECT ?1, ?2, ?3, ?4
+                 WHERE NOT EXISTS (SELECT 1 FROM telemetry WHERE device = ?1 AND seq = ?2)",
+            )?;
+            let mut count = tx.prepare(
+                "INSERT INTO telemetry_drop_totals (device, class, evicted_records, evicted_bytes)
+                 VALUES (?1, ?2, 1, ?3)
+                 ON CONFLICT (device, class) DO UPDATE SET
+                 evicted_records = evicted_records + 1, evicted_bytes = evicted_bytes + ?3",
+            )?;
+            for (class, entries) in evicted {
+                for [seq, bytes] in entries {
+                    let bytes = i64::try_from(*bytes).unwrap_or(i64::MAX);
+                    if ins.execute(params![device, *seq as i64, class, bytes])? == 1 {
+                        count.execute(params![device, class, bytes])?;
+                    }
+                }
+            }
+        }
+        if let Some(rejected) = &batch.rejected {
+            let mut st = tx.prepare(
+                "INSERT INTO telemetry_drop_totals (device, class, rejected_records, rejected_bytes)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (device, class) DO UPDATE SET
+                 rejected_records = MAX(rejected_records, ?3),
+                 rejected_bytes = MAX(rejected_bytes, ?4)",
+            )?;
+            for (class, [records, bytes]) in rejected {
+                st.execute(params![
+                    device,
+                    class,
+                    i64::try_from(*records).unwrap_or(i64::MAX),
+                    i64::try_from(*bytes).unwrap_or(i64::MAX)
                 ])?;
             }
         }
@@ -677,7 +755,25 @@ impl Db {
             "DELETE FROM telemetry_ranges WHERE device = ?1 AND covers_to <= ?2",
             params![device, acked as i64],
         )?;
-        let drops = serde_json::to_string(&batch.drops).expect("drops serialize");
+        let drops = if batch.evicted.is_some() {
+            let mut st = tx.prepare(
+                "SELECT class, evicted_records + rejected_records, evicted_bytes + rejected_bytes
+                 FROM telemetry_drop_totals WHERE device = ?1 ORDER BY class",
+            )?;
+            let totals: BTreeMap<String, [u64; 2]> = st
+                .query_map([device], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        [r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64],
+                    ))
+                })?
+                .filter(|r| r.as_ref().map_or(true, |(_, [n, _])| *n > 0))
+                .collect::<rusqlite::Result<_>>()?;
+            serde_json::to_string(&totals)
+        } else {
+            serde_json::to_string(&batch.drops)
+        }
+        .expect("drops serialize");
         tx.execute(
             "UPDATE devices SET telemetry_acked = ?2, telemetry_drops = ?3, last_seen = ?4 WHERE id = ?1",
             params![device, acked as i64, drops, now],
@@ -732,7 +828,65 @@ mod tests {
                 })
                 .collect(),
             drops: BTreeMap::new(),
+            evicted: Some(BTreeMap::new()),
+            rejected: None,
         }
+    }
+
+    fn drops(db: &Db) -> serde_json::Value {
+        db.device("d").unwrap().unwrap().telemetry_drops.unwrap()
+    }
+
+    #[test]
+    fn eviction_of_a_stored_record_is_not_counted_as_dropped() {
+        let (_d, db) = db();
+        // Records 1-3 stored; the ack is lost and the device evicts 1-4 (4 was never
+        // sent) and rejects one record.
+        assert_eq!(
+            db.ingest_telemetry("d", &batch(0, 3, &[1, 2, 3]), 1)
+                .unwrap(),
+            3
+        );
+        let mut b = batch(0, 5, &[5]);
+        b.evicted = Some(BTreeMap::from([(
+            "window".to_owned(),
+            vec![[1, 10], [2, 10], [3, 10], [4, 7]],
+        )]));
+        b.rejected = Some(BTreeMap::from([("window".to_owned(), [1, 99])]));
+        b.drops = BTreeMap::from([("window".to_owned(), [5, 136])]);
+        assert_eq!(db.ingest_telemetry("d", &b, 2).unwrap(), 5);
+        assert_eq!(drops(&db), serde_json::json!({"window": [2, 106]}));
+        // Redelivered: nothing counted twice.
+        assert_eq!(db.ingest_telemetry("d", &b, 3).unwrap(), 5);
+        assert_eq!(drops(&db), serde_json::json!({"window": [2, 106]}));
+        assert_eq!(db.telemetry("d", 0, 100).unwrap().len(), 4);
+    }
+
+    #[test]
+    fn record_delivered_after_its_eviction_was_reported_is_uncounted() {
+        let (_d, db) = db();
+        let mut late = batch(0, 2, &[1, 2]);
+        let mut b = batch(0, 3, &[3]);
+        b.evicted = Some(BTreeMap::from([(
+            "window".to_owned(),
+            vec![[1, 10], [2, 10]],
+        )]));
+        assert_eq!(db.ingest_telemetry("d", &b, 1).unwrap(), 3);
+        assert_eq!(drops(&db), serde_json::json!({"window": [2, 20]}));
+        late.evicted = Some(BTreeMap::new());
+        assert_eq!(db.ingest_telemetry("d", &late, 2).unwrap(), 3);
+        assert_eq!(drops(&db), serde_json::json!({}));
+        assert_eq!(db.telemetry("d", 0, 100).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn batches_without_evicted_lists_keep_the_devices_drop_counters() {
+        let (_d, db) = db();
+        let mut b = batch(0, 3, &[3]);
+        b.evicted = None;
+        b.drops = BTreeMap::from([("sample".to_owned(), [2, 20])]);
+        db.ingest_telemetry("d", &b, 1).unwrap();
+        assert_eq!(drops(&db), serde_json::json!({"sample": [2, 20]}));
     }
 
     fn db() -> (tempfile::TempDir, Db) {
