@@ -11,5 +11,6 @@ mod fleet_acl;
 mod fleet_broker;
 mod fleet_install;
 mod fleet_kill;
+mod fleet_metadata;
 mod fleet_refusals;
 mod fleet_telemetry;
