@@ -1,5 +1,7 @@
-//! The agent's MQTT link to the fleet server (rumqttc 0.25, no TLS yet).
+//! The agent's MQTT link to the fleet server (rumqttc 0.25).
 //!
+//! - `mqtt://` or `mqtts://`: TLS on rustls with the ring provider, the bundle's CA file
+//!   or the system trust store ([`tls`]).
 //! - Persistent session: `clean_session=false`, client id = device id, credentials from
 //!   the bundle; the broker keeps subscriptions and queued QoS1 messages across
 //!   reconnects, and rumqttc re-sends unacknowledged publishes (possibly twice).
@@ -13,18 +15,29 @@
 //!   attempt has a timeout and uses a fresh id, so retries are idempotent on both sides
 //!   (the server is stateless per request).
 //!
+//! - A failed connection attempt is logged (once per distinct reason) and kept as
+//!   [`Link::last_error`]: refused certificates, name mismatches, a plain listener behind
+//!   an `mqtts://` URL and the reverse are said in words.
+//!
 //! [`Link::start`] spawns one task on the caller's tokio runtime: the event loop. It is
 //! the daemon's only background task for the network.
 
+pub mod tls;
+
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use outpost_protocol::bundle::AgentConfig as Bundle;
 use outpost_protocol::wire::{
     self, DeviceTopics, Request, RequestBody, Response, StatusReport, TelemetryAck, TelemetryBatch,
 };
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS, TlsConfiguration,
+    Transport,
+};
 use tokio::sync::{mpsc, oneshot};
 
 /// Room for MQTT headers and the topic on top of the largest payload.
@@ -47,6 +60,24 @@ pub struct LinkConfig {
     pub keep_alive: Duration,
     /// Largest back-off between reconnect attempts.
     pub max_backoff: Duration,
+    /// TLS (`mqtts://`); `None`: plain MQTT.
+    pub tls: Option<TlsSettings>,
+}
+
+pub use tls::TlsSettings;
+
+/// The TLS settings of a bundle whose broker URL is `mqtts://` (`None` for `mqtt://`);
+/// `ca_file` resolved against `dir`, the bundle's directory.
+pub fn tls_settings(bundle: &Bundle, dir: &Path) -> Option<TlsSettings> {
+    let (_, _, tls) = bundle.broker_endpoint();
+    tls.then(|| TlsSettings {
+        ca_file: bundle
+            .broker
+            .ca_file
+            .as_ref()
+            .map(|p| Bundle::resolve(dir, p)),
+        server_name: bundle.broker.tls_server_name.clone(),
+    })
 }
 
 /// Errors of the link.
@@ -65,6 +96,10 @@ pub enum LinkError {
     /// A message could not be encoded within the payload cap.
     #[error("{0}")]
     TooLarge(String),
+    /// The TLS settings are unusable (CA file missing, unreadable or not PEM; a name
+    /// that cannot be a TLS server name).
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// What arrives from the server, and connection changes.
@@ -90,7 +125,10 @@ pub struct Link {
     pending: Pending,
     next_id: AtomicU64,
     connected: Arc<AtomicBool>,
+    last_error: LastError,
 }
+
+type LastError = Arc<Mutex<Option<String>>>;
 
 impl Link {
     /// Builds the client and spawns its event loop on the current tokio runtime.
@@ -99,6 +137,10 @@ impl Link {
         let topics =
             DeviceTopics::new(&cfg.device_id).map_err(|e| LinkError::Closed(e.to_string()))?;
         let mut opts = MqttOptions::new(&cfg.device_id, &cfg.host, cfg.port);
+        if let Some(t) = &cfg.tls {
+            let config = tls::client_config(t, &cfg.host)?;
+            opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(config)));
+        }
         opts.set_clean_session(false)
             .set_credentials(&cfg.username, &cfg.password)
             .set_keep_alive(cfg.keep_alive.max(Duration::from_secs(5)))
@@ -114,6 +156,7 @@ impl Link {
         eventloop.set_network_options(net);
         let pending: Pending = Arc::default();
         let connected = Arc::new(AtomicBool::new(false));
+        let last_error = LastError::default();
         let (tx, rx) = mpsc::channel(256);
         let link = Arc::new(Link {
             client: client.clone(),
@@ -123,14 +166,20 @@ impl Link {
             // responses meant for its previous run.
             next_id: AtomicU64::new(fastrand::u64(1..u64::MAX / 2)),
             connected: connected.clone(),
+            last_error: last_error.clone(),
         });
         let max_backoff = cfg.max_backoff.max(Duration::from_secs(1));
         tokio::spawn(drive(
             eventloop,
             client,
-            topics,
-            pending,
-            connected,
+            Shared {
+                topics,
+                pending,
+                connected,
+                last_error,
+                endpoint: format!("{}:{}", cfg.host, cfg.port),
+                tls: cfg.tls.clone(),
+            },
             tx,
             max_backoff,
         ));
@@ -140,6 +189,14 @@ impl Link {
     /// Whether the last connection attempt succeeded and has not dropped since.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Why the last connection attempt failed, if it did and none succeeded since.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The device's topics.
@@ -225,22 +282,39 @@ impl Link {
     }
 }
 
+/// What the event loop shares with the [`Link`], and what it says in messages.
+struct Shared {
+    topics: DeviceTopics,
+    pending: Pending,
+    connected: Arc<AtomicBool>,
+    last_error: LastError,
+    endpoint: String,
+    tls: Option<TlsSettings>,
+}
+
 /// The event loop: polls rumqttc, dispatches messages, backs off between reconnects.
 async fn drive(
     mut eventloop: EventLoop,
     client: AsyncClient,
-    topics: DeviceTopics,
-    pending: Pending,
-    connected: Arc<AtomicBool>,
+    shared: Shared,
     tx: mpsc::Sender<Inbound>,
     max_backoff: Duration,
 ) {
+    let Shared {
+        topics,
+        pending,
+        connected,
+        last_error,
+        endpoint,
+        tls,
+    } = shared;
     let mut backoff = Duration::from_secs(1);
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_secs(1);
                 connected.store(true, Ordering::Relaxed);
+                *last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 let subs = [&topics.assignment, &topics.resp, &topics.ack]
                     .map(|t| rumqttc::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce));
                 // try_: the request queue is drained by this very loop, so awaiting
@@ -291,6 +365,15 @@ async fn drive(
                 let was = connected.swap(false, Ordering::Relaxed);
                 if was && tx.send(Inbound::Disconnected(e.to_string())).await.is_err() {
                     return;
+                }
+                if !was {
+                    let why = tls::describe(&e, &endpoint, tls.as_ref());
+                    let mut last = last_error.lock().unwrap_or_else(|e| e.into_inner());
+                    // Once per distinct reason: the loop retries every few seconds.
+                    if last.as_deref() != Some(why.as_str()) {
+                        tracing_warn(&format!("connect failed: {why}"));
+                        *last = Some(why);
+                    }
                 }
                 if tx.is_closed() {
                     return;

@@ -135,12 +135,14 @@ fn run(args: RunArgs) -> anyhow::Result<String> {
         .build()?;
     rt.block_on(async {
         let stop_on_signal = stop.clone();
+        // Installed now, not when the daemon first polls `shutdown`: a SIGTERM during
+        // start-up (the link may already be reporting) must still stop it cleanly.
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
         let shutdown = async move {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => return std::future::pending().await,
-                };
+            let mut term = match term {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}

@@ -75,9 +75,14 @@ pub struct BrokerConfig {
     /// File holding the password (one line); default `credentials`.
     #[serde(default = "default_credentials")]
     pub password_file: PathBuf,
-    /// CA certificate (PEM) for `mqtts://`; default: the system's roots.
+    /// `mqtts://` only: PEM file of the CA certificate(s) to trust, and only these;
+    /// without it, the operating system's trust store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// `mqtts://` only: the name the broker's certificate must carry, instead of the
+    /// URL's host (a broker reached by IP address whose certificate names a DNS name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
     /// Keep-alive in seconds.
     #[serde(default = "default_keep_alive")]
     pub keep_alive_secs: u16,
@@ -238,6 +243,13 @@ impl AgentConfig {
                 "broker.url {url:?} must name a port (host:port)"
             )));
         }
+        if url.starts_with("mqtt://")
+            && (self.broker.ca_file.is_some() || self.broker.tls_server_name.is_some())
+        {
+            return Err(BundleError::Invalid(format!(
+                "broker.ca_file and broker.tls_server_name need an mqtts:// url, not {url:?}"
+            )));
+        }
         if self.telemetry.window_count == 0 || self.telemetry.window_secs == 0 {
             return Err(BundleError::Invalid(
                 "telemetry windows need a positive duration and count".into(),
@@ -298,5 +310,15 @@ mod tests {
         assert!(AgentConfig::from_toml(&base("a", "mqtt://h")).is_err());
         let typo = base("a", "mqtt://h:1") + "[telemetry]\nconsnet = true\n";
         assert!(AgentConfig::from_toml(&typo).is_err());
+        // A CA file on a plain URL would look like TLS while there is none.
+        let plain_ca = base("a", "mqtt://h:1") + "ca_file = \"ca.pem\"\n";
+        assert!(AgentConfig::from_toml(&plain_ca).is_err());
+        let tls_ca = base("a", "mqtts://10.0.0.2:8883")
+            + "ca_file = \"ca.pem\"\ntls_server_name = \"fleet.example.com\"\n";
+        let cfg = AgentConfig::from_toml(&tls_ca).unwrap();
+        assert_eq!(
+            cfg.broker.tls_server_name.as_deref(),
+            Some("fleet.example.com")
+        );
     }
 }

@@ -200,8 +200,8 @@ typedef struct outpost_model_status {
 // Nothing there: no previous release to revert to, no classifier output, ...
 #define OUTPOST_ERR_NOT_FOUND 20
 
-// Not supported by this build (e.g. `mqtts://` for the fleet link, see
-// `sdk-c/README.md`).
+// Not supported by this build or this ABI (e.g. a tensor of higher rank than
+// `OUTPOST_MAX_RANK`).
 #define OUTPOST_ERR_UNSUPPORTED 21
 
 // A panic was caught at the ABI boundary (a bug; please report the message).
@@ -298,7 +298,7 @@ outpost_status outpost_last_error(char *buf,
 // for the defaults. With a `[broker]` section the config follows the full `agent.toml`
 // schema (`[broker]`, `[trust]`, `[update]`; `device_id` defaults to "outpost-app") and
 // the handle gets a fleet link, started by `outpost_agent_start_link` (a broken
-// bundle fails with `OUTPOST_ERR_CONFIG`, `mqtts://` with `OUTPOST_ERR_UNSUPPORTED`);
+// bundle, or an `mqtts://` one whose CA file is unusable, fails with `OUTPOST_ERR_CONFIG`);
 // relative paths in it (trust root, password file) are relative to the current
 // directory. `data_dir` (created if missing) overrides the config's `data_dir`; it may be
 // NULL only if the config sets one.

@@ -358,15 +358,15 @@ fn link_options(mut raw: toml::Table, base: Option<&Path>, data_dir: &Path) -> R
         .try_into()
         .map_err(|e: toml::de::Error| config(&e))?;
     bundle.validate().map_err(|e| config(&e))?;
-    if bundle.broker_endpoint().2 {
-        return Err(Failure::new(
-            OUTPOST_ERR_UNSUPPORTED,
-            "config: mqtts:// is not supported by this build yet",
-        ));
+    let base_dir = base.map(Path::to_path_buf).unwrap_or_default();
+    // A missing or broken CA file fails here, not later on the link's thread.
+    if let Some(tls) = ::outpost_agent::link::tls_settings(&bundle, &base_dir) {
+        let (host, _, _) = bundle.broker_endpoint();
+        ::outpost_agent::link::tls::client_config(&tls, &host).map_err(|e| config(&e))?;
     }
     Ok(EmbedOptions {
         bundle,
-        base_dir: base.map(Path::to_path_buf).unwrap_or_default(),
+        base_dir,
         data_dir: data_dir.to_path_buf(),
         chunk_len: outpost_protocol::wire::CHUNK_LEN,
     })
@@ -669,7 +669,7 @@ fn status_list(h: &Handle) -> Res<Vec<::outpost_agent::ModelStatus>> {
 /// for the defaults. With a `[broker]` section the config follows the full `agent.toml`
 /// schema (`[broker]`, `[trust]`, `[update]`; `device_id` defaults to "outpost-app") and
 /// the handle gets a fleet link, started by `outpost_agent_start_link` (a broken
-/// bundle fails with `OUTPOST_ERR_CONFIG`, `mqtts://` with `OUTPOST_ERR_UNSUPPORTED`);
+/// bundle, or an `mqtts://` one whose CA file is unusable, fails with `OUTPOST_ERR_CONFIG`);
 /// relative paths in it (trust root, password file) are relative to the current
 /// directory. `data_dir` (created if missing) overrides the config's `data_dir`; it may be
 /// NULL only if the config sets one.

@@ -73,8 +73,8 @@ pub const OUTPOST_ERR_UNKNOWN_PREDICTION: outpost_status = 18;
 pub const OUTPOST_ERR_LABEL_EXPIRED: outpost_status = 19;
 /// Nothing there: no previous release to revert to, no classifier output, ...
 pub const OUTPOST_ERR_NOT_FOUND: outpost_status = 20;
-/// Not supported by this build (e.g. `mqtts://` for the fleet link, see
-/// `sdk-c/README.md`).
+/// Not supported by this build or this ABI (e.g. a tensor of higher rank than
+/// `OUTPOST_MAX_RANK`).
 pub const OUTPOST_ERR_UNSUPPORTED: outpost_status = 21;
 /// A panic was caught at the ABI boundary (a bug; please report the message).
 pub const OUTPOST_ERR_PANIC: outpost_status = 22;

@@ -14,3 +14,4 @@ mod fleet_kill;
 mod fleet_metadata;
 mod fleet_refusals;
 mod fleet_telemetry;
+mod fleet_tls;

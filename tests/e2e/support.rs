@@ -188,7 +188,7 @@ pub struct Mosquitto {
 }
 
 impl Mosquitto {
-    fn start(dir: &Path, port: u16, passwd: &Path, log: &Log) -> Mosquitto {
+    fn start(dir: &Path, port: u16, passwd: &Path, extra: &str, log: &Log) -> Mosquitto {
         let shipped_conf = std::fs::read_to_string(shipped("outpost.conf")).unwrap();
         let persist = dir.join("mosquitto-db");
         std::fs::create_dir_all(&persist).unwrap();
@@ -211,6 +211,7 @@ impl Mosquitto {
             out.push('\n');
         }
         assert_eq!(replaced, 4, "the shipped config lost a DEPLOY line");
+        out.push_str(extra);
         let user = Command::new("id").arg("-un").output().unwrap();
         out.push_str("log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n");
         out.push_str(&format!(
@@ -303,6 +304,16 @@ impl Fleet {
     /// `outpostctl repo init`, release 1.0 of [`MODEL`] signed from `cnn_a.onnx`, the
     /// broker, and `outpost-server serve --import-repo` connected to it.
     pub fn start(kind: Broker) -> (Fleet, Target) {
+        Fleet::start_with(kind, &[], "")
+    }
+
+    /// [`Fleet::start`] with more `serve` arguments (e.g. the embedded broker's TLS
+    /// listener) and, for Mosquitto, lines appended to its config (a TLS listener).
+    pub fn start_with(
+        kind: Broker,
+        serve_args: &[OsString],
+        mosquitto_extra: &str,
+    ) -> (Fleet, Target) {
         let bins = Bins::locate();
         let dir = tempfile::tempdir().unwrap();
         let log = Log::default();
@@ -344,6 +355,7 @@ impl Fleet {
                 args.extend(["--mqtt".into(), format!("127.0.0.1:{broker_port}").into()]);
             }
         }
+        args.extend(serve_args.iter().cloned());
         let restart_args = args.clone();
         args.extend(["--import-repo".into(), repo.clone().into()]);
         let (server, url) = spawn_server(&bins, &args, &log);
@@ -353,9 +365,13 @@ impl Fleet {
             .to_owned();
         let admin = ApiClient::new(&url, &token);
         let broker = match kind {
-            Broker::Mosquitto => {
-                BrokerProc::Mosquitto(Mosquitto::start(dir.path(), broker_port, &passwd, &log))
-            }
+            Broker::Mosquitto => BrokerProc::Mosquitto(Mosquitto::start(
+                dir.path(),
+                broker_port,
+                &passwd,
+                mosquitto_extra,
+                &log,
+            )),
             Broker::Embedded => BrokerProc::Embedded,
         };
         let fleet = Fleet {
@@ -470,6 +486,19 @@ impl Fleet {
     /// `outpostctl devices add` and `devices bundle` for each id, `tune` applied to each
     /// bundle's agent.toml, then one broker reload.
     pub fn add_devices(&self, ids: &[&str], tune: impl Fn(&mut AgentConfig)) -> Vec<Device> {
+        let url = format!("mqtt://127.0.0.1:{}", self.broker_port);
+        self.add_devices_with(ids, &["--broker-url", &url], tune)
+    }
+
+    /// [`Fleet::add_devices`] with these `devices bundle` arguments instead of
+    /// `--broker-url mqtt://...` (none: the server's default URL, its TLS listener if it
+    /// runs one).
+    pub fn add_devices_with(
+        &self,
+        ids: &[&str],
+        bundle_args: &[&str],
+        tune: impl Fn(&mut AgentConfig),
+    ) -> Vec<Device> {
         let devices = ids
             .iter()
             .map(|id| {
@@ -477,18 +506,18 @@ impl Fleet {
                 let root = self.dir.path().join("devices").join(id);
                 let bundle = root.join("bundle");
                 let data = root.join("data");
-                self.ctl(&[
+                let mut args = vec![
                     "devices",
                     "bundle",
                     "--id",
                     id,
                     "--out",
                     bundle.to_str().unwrap(),
-                    "--broker-url",
-                    &format!("mqtt://127.0.0.1:{}", self.broker_port),
                     "--data-dir",
                     data.to_str().unwrap(),
-                ]);
+                ];
+                args.extend(bundle_args);
+                self.ctl(&args);
                 let config = bundle.join("agent.toml");
                 let mut cfg =
                     AgentConfig::from_toml(&std::fs::read_to_string(&config).unwrap()).unwrap();

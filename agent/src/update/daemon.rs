@@ -243,10 +243,7 @@ async fn drive(
         meta.save("root", &root)
             .map_err(|e| anyhow::anyhow!("saving the trust anchor: {e}"))?;
     }
-    let (host, port, tls) = bundle.broker_endpoint();
-    if tls {
-        bail!("mqtts:// is not supported by this build yet (no TLS provider)");
-    }
+    let (host, port, _) = bundle.broker_endpoint();
     let pw_path = Bundle::resolve(dir, &bundle.broker.password_file);
     let password = std::fs::read_to_string(&pw_path)
         .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
@@ -259,6 +256,7 @@ async fn drive(
         password,
         keep_alive: Duration::from_secs(u64::from(bundle.broker.keep_alive_secs)),
         max_backoff: Duration::from_secs(u64::from(bundle.broker.max_backoff_secs)),
+        tls: crate::link::tls_settings(&bundle, dir),
     })?;
     let (work_tx, mut work_rx) = mpsc::unbounded_channel();
     let machine = db.load_machine()?;

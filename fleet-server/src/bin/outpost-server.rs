@@ -108,6 +108,11 @@ struct ServeArgs {
     /// PEM private key of the TLS listener.
     #[arg(long, requires = "mqtts")]
     tls_key: Option<PathBuf>,
+    /// PEM CA certificate that devices trust for --mqtts: `outpostctl devices bundle`
+    /// writes it into bundles as ca.pem. Without it, devices use their system trust store
+    /// (a publicly trusted --tls-cert).
+    #[arg(long, requires = "mqtts")]
+    tls_ca: Option<PathBuf>,
     /// The server's broker username.
     #[arg(long, default_value = "outpost-server")]
     broker_user: String,
@@ -153,6 +158,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 addr,
                 cert: args.tls_cert.clone().unwrap_or_default(),
                 key: args.tls_key.clone().unwrap_or_default(),
+                ca: args.tls_ca.clone(),
             }),
             server_user: args.broker_user.clone(),
         }),

@@ -188,7 +188,8 @@ enum DevicesCmd {
         #[arg(long = "tag", value_parser = parse_tag)]
         tags: Vec<(String, String)>,
     },
-    /// Write a device bundle: agent.toml, credentials (0600, a new password), root.json.
+    /// Write a device bundle: agent.toml, credentials (0600, a new password), root.json,
+    /// and ca.pem for an mqtts:// broker whose CA the server or --ca-file provides.
     Bundle {
         #[command(flatten)]
         server: ServerArg,
@@ -197,9 +198,15 @@ enum DevicesCmd {
         /// Output directory (created; existing bundle files are replaced).
         #[arg(long)]
         out: PathBuf,
-        /// Broker URL the device connects to.
-        #[arg(long, default_value = "mqtt://localhost:1883")]
-        broker_url: String,
+        /// Broker URL the device connects to [default: the embedded broker's TLS
+        /// listener (mqtts://), else its plain one, at the --server host].
+        #[arg(long)]
+        broker_url: Option<String>,
+        /// PEM CA certificate the device trusts for an mqtts:// --broker-url (an external
+        /// broker's, e.g. Mosquitto with TLS); copied into the bundle as ca.pem. Default:
+        /// the CA of the server's TLS listener (`serve --tls-ca`), if any.
+        #[arg(long, requires = "broker_url")]
+        ca_file: Option<PathBuf>,
         /// The agent's data directory on the device.
         #[arg(long)]
         data_dir: Option<String>,
@@ -419,6 +426,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             id,
             out,
             broker_url,
+            ca_file,
             data_dir,
             target,
             agent_bin,
@@ -427,6 +435,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Checked before the server rotates the device's password.
             let device_files = match &target {
                 Some(triple) => Some(target_agent(triple, agent_bin)?),
+                None => None,
+            };
+            let own_ca = match &ca_file {
+                Some(p) => {
+                    if !broker_url
+                        .as_deref()
+                        .is_some_and(|u| u.starts_with("mqtts://"))
+                    {
+                        anyhow::bail!("--ca-file needs an mqtts:// --broker-url");
+                    }
+                    let pem = std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                        anyhow::bail!("{} holds no PEM certificate", p.display());
+                    }
+                    Some(pem)
+                }
                 None => None,
             };
             let r = server.client()?.post(
@@ -438,12 +463,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(str::to_owned)
                     .with_context(|| format!("server answer lacks {k}"))
             };
+            let mut agent_toml = field("agent_toml")?;
+            let ca_pem = own_ca.or_else(|| r["ca_pem"].as_str().map(str::to_owned));
+            if ca_pem.is_some() {
+                let mut config = outpost_protocol::bundle::AgentConfig::from_toml(&agent_toml)
+                    .context("the server's agent.toml")?;
+                config.broker.ca_file = Some("ca.pem".into());
+                config.validate()?;
+                agent_toml = config.to_toml();
+            }
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            write_file(
-                &out.join("agent.toml"),
-                field("agent_toml")?.as_bytes(),
-                0o644,
-            )?;
+            if let Some(pem) = &ca_pem {
+                write_file(&out.join("ca.pem"), pem.as_bytes(), 0o644)?;
+            }
+            write_file(&out.join("agent.toml"), agent_toml.as_bytes(), 0o644)?;
             write_file(
                 &out.join("credentials"),
                 format!("{}\n", field("credentials")?).as_bytes(),
@@ -455,9 +488,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 0o644,
             )?;
             if let Some((triple, agent)) = device_files {
-                let config =
-                    outpost_protocol::bundle::AgentConfig::from_toml(&field("agent_toml")?)
-                        .context("the server's agent.toml")?;
+                let config = outpost_protocol::bundle::AgentConfig::from_toml(&agent_toml)
+                    .context("the server's agent.toml")?;
                 let data_dir = config.data_dir.to_str().context("data_dir is not UTF-8")?;
                 let install_dir = install_dir.as_deref().unwrap_or("/opt/outpost");
                 let unit = device_target::systemd_unit(install_dir, data_dir)?;
@@ -469,9 +501,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     out.display()
                 );
             }
+            let config = outpost_protocol::bundle::AgentConfig::from_toml(&agent_toml)
+                .context("the server's agent.toml")?;
             println!(
-                "wrote bundle for {id} to {} (new credentials)",
-                out.display()
+                "wrote bundle for {id} to {} (new credentials; broker {}{})",
+                out.display(),
+                config.broker.url,
+                if ca_pem.is_some() { ", ca.pem" } else { "" }
             );
             if r["broker_reload_required"] == true {
                 println!(

@@ -36,6 +36,39 @@ pub struct AppState {
     pub core: Arc<Core>,
     /// The MQTT link, if any.
     pub mqtt: Option<MqttHandle>,
+    /// The embedded broker's device listeners, for bundles.
+    pub devices: DeviceEndpoints,
+}
+
+/// What device bundles are told about the embedded broker's device listeners.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceEndpoints {
+    /// Port of the plain device listener.
+    pub mqtt_port: Option<u16>,
+    /// Port of the TLS device listener.
+    pub mqtts_port: Option<u16>,
+    /// CA certificate(s) devices trust for the TLS listener (PEM).
+    pub ca_pem: Option<String>,
+}
+
+impl DeviceEndpoints {
+    /// The URL a bundle gets when the operator names none: the TLS listener, else the
+    /// plain one, at `host` (the host the operator reached the API at).
+    fn default_url(&self, host: &str) -> Option<String> {
+        match (self.mqtts_port, self.mqtt_port) {
+            (Some(p), _) => Some(format!("mqtts://{host}:{p}")),
+            (None, Some(p)) => Some(format!("mqtt://{host}:{p}")),
+            (None, None) => None,
+        }
+    }
+}
+
+/// The host of a `Host` header value (`name`, `name:port`, `[v6]:port`).
+fn host_of(value: &str) -> &str {
+    if value.starts_with('[') {
+        return value.split_inclusive(']').next().unwrap_or(value);
+    }
+    value.rsplit_once(':').map_or(value, |(h, _)| h)
 }
 
 /// An API error: a status and a plain message. Causes are logged where it is built.
@@ -350,8 +383,9 @@ async fn get_device(
 
 #[derive(Deserialize)]
 struct BundleReq {
-    /// Broker URL devices connect to.
-    broker_url: String,
+    /// Broker URL devices connect to; default: [`DeviceEndpoints::default_url`].
+    #[serde(default)]
+    broker_url: Option<String>,
     /// The agent's data directory on the device.
     #[serde(default)]
     data_dir: Option<String>,
@@ -370,6 +404,25 @@ async fn bundle(
         .device(&id)
         .map_err(ServerError::from)?
         .ok_or_else(|| AppError::new(StatusCode::NOT_FOUND, format!("no device {id}")))?;
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map_or("localhost", host_of);
+    let url = match req.broker_url {
+        Some(u) => u,
+        None => s.devices.default_url(host).ok_or_else(|| {
+            AppError::new(
+                StatusCode::BAD_REQUEST,
+                "broker_url is needed: the server runs no device listener of its own",
+            )
+        })?,
+    };
+    // The TLS listener's CA goes to every mqtts:// bundle; without one, devices use
+    // their system trust store.
+    let ca_pem = url
+        .starts_with("mqtts://")
+        .then(|| s.devices.ca_pem.clone())
+        .flatten();
     let cfg = AgentConfig {
         device_id: id.clone(),
         data_dir: req
@@ -377,10 +430,11 @@ async fn bundle(
             .unwrap_or_else(|| "/var/lib/outpost".into())
             .into(),
         broker: BrokerConfig {
-            url: req.broker_url,
+            url,
             username: None,
             password_file: "credentials".into(),
-            ca_file: None,
+            ca_file: ca_pem.as_ref().map(|_| "ca.pem".into()),
+            tls_server_name: None,
             keep_alive_secs: 30,
             max_backoff_secs: 60,
         },
@@ -401,6 +455,7 @@ async fn bundle(
         "agent_toml": cfg.to_toml(),
         "credentials": password,
         "root_json": String::from_utf8_lossy(&root),
+        "ca_pem": ca_pem,
         "broker_reload_required": s.core.maintains_passwd_file(),
     })))
 }
@@ -466,4 +521,26 @@ async fn assign(
     Ok(Json(
         json!({ "assigned": assigned, "published": published }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundle_url_defaults_to_the_tls_listener_at_the_api_host() {
+        assert_eq!(host_of("fleet.example.com:8080"), "fleet.example.com");
+        assert_eq!(host_of("[::1]:8080"), "[::1]");
+        assert_eq!(host_of("fleet"), "fleet");
+        let mut d = DeviceEndpoints {
+            mqtt_port: Some(1883),
+            mqtts_port: Some(8883),
+            ca_pem: None,
+        };
+        assert_eq!(d.default_url("fleet").unwrap(), "mqtts://fleet:8883");
+        d.mqtts_port = None;
+        assert_eq!(d.default_url("fleet").unwrap(), "mqtt://fleet:1883");
+        d.mqtt_port = None;
+        assert_eq!(d.default_url("fleet"), None);
+    }
 }

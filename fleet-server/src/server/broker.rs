@@ -98,6 +98,9 @@ pub struct TlsListener {
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+    /// PEM CA certificate(s) devices trust for this listener, written into device
+    /// bundles as `ca.pem`; `None`: bundles rely on the devices' system trust store.
+    pub ca: Option<PathBuf>,
 }
 
 /// Configuration of the embedded broker.
@@ -131,6 +134,8 @@ pub struct EmbeddedBroker {
     pub mqtt_addr: Option<SocketAddr>,
     /// Bound TLS device listener.
     pub mqtts_addr: Option<SocketAddr>,
+    /// The TLS listener's CA certificate(s) for device bundles (PEM, checked at start).
+    pub device_ca_pem: Option<String>,
     /// How the server's client reaches the internal listener.
     pub internal: BrokerClient,
     dropped: Arc<AtomicU64>,
@@ -144,6 +149,12 @@ impl EmbeddedBroker {
     pub async fn start(cfg: &EmbeddedConfig, db: &Path) -> Result<EmbeddedBroker, BrokerError> {
         let creds = Credentials::open(db)?;
         let tls = cfg.mqtts.as_ref().map(tls_acceptor).transpose()?;
+        let device_ca_pem = cfg
+            .mqtts
+            .as_ref()
+            .and_then(|t| t.ca.as_deref())
+            .map(device_ca)
+            .transpose()?;
         let internal = BrokerClient {
             host: "127.0.0.1".into(),
             port: 0,
@@ -225,6 +236,7 @@ impl EmbeddedBroker {
         Ok(EmbeddedBroker {
             mqtt_addr,
             mqtts_addr,
+            device_ca_pem,
             internal: BrokerClient {
                 port: internal_addr.port(),
                 ..internal
@@ -314,6 +326,22 @@ fn tls_acceptor(t: &TlsListener) -> Result<TlsAcceptor, BrokerError> {
         .with_single_cert(certs, key)
         .map_err(|e| err(&t.key, e.to_string()))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Reads the CA file devices are given, checking that it holds PEM certificates only.
+fn device_ca(path: &Path) -> Result<String, BrokerError> {
+    let err = |reason: String| BrokerError::Tls {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("no certificate in the file".into()));
+    }
+    Ok(pem)
 }
 
 /// Accepts TLS device connections: each handshake runs in its own task under

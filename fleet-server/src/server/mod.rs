@@ -1037,9 +1037,18 @@ pub async fn start(cfg: ServeConfig) -> Result<RunningServer> {
         path: PathBuf::from(cfg.http.to_string()),
         source,
     })?;
+    let devices = embedded
+        .as_ref()
+        .map(|b: &broker::EmbeddedBroker| api::DeviceEndpoints {
+            mqtt_port: b.mqtt_addr.map(|a| a.port()),
+            mqtts_port: b.mqtts_addr.map(|a| a.port()),
+            ca_pem: b.device_ca_pem.clone(),
+        })
+        .unwrap_or_default();
     let app = api::router(api::AppState {
         core: core.clone(),
         mqtt: mqtt.clone(),
+        devices,
     });
     let mut rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {

@@ -526,9 +526,11 @@ static void test_open_errors(void) {
     CHECK_STATUS(outpost_agent_new(NULL, data_dir, NULL), OUTPOST_ERR_NULL_POINTER);
     CHECK_STATUS(outpost_agent_new("device_id = [", data_dir, &a), OUTPOST_ERR_CONFIG);
     CHECK_STATUS(outpost_agent_new("no_such_key = 1", data_dir, &a), OUTPOST_ERR_CONFIG);
-    /* a fleet link needs a broker URL with a port, and this build has no TLS */
-    CHECK_STATUS(outpost_agent_new("[broker]\nurl = \"mqtts://localhost:8883\"\n", data_dir, &a),
-                 OUTPOST_ERR_UNSUPPORTED);
+    /* a fleet link needs a broker URL with a port, and over TLS a readable CA file */
+    CHECK_STATUS(outpost_agent_new("[broker]\nurl = \"mqtts://localhost:8883\"\n"
+                                   "ca_file = \"/nonexistent/ca.pem\"\n",
+                                   data_dir, &a),
+                 OUTPOST_ERR_CONFIG);
     CHECK(a == NULL);
     CHECK_STATUS(outpost_agent_new("[broker]\nurl = \"mqtt://localhost\"\n", data_dir, &a),
                  OUTPOST_ERR_CONFIG);
