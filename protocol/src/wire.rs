@@ -21,6 +21,22 @@
 //! trusted before verification: metadata by TUF, a full model by the signed length and
 //! hashes, a delta by the signed hashes of what it reconstructs.
 //!
+//! | request ([`RequestBody`]) | answer body | answer header |
+//! |---|---|---|
+//! | `metadata {role, version}` | the whole file (at most one message: agents from before ranges) | — |
+//! | `metadata {role, version, offset, len, accept_zstd}` | `[offset, offset + len)` of the file as encoded for the device | `total` (encoded length), `offset`, `encoding` (`identity`/`zstd`), `etag` (sha256 of the encoded file) |
+//! | `artifacts {target, sha256, bases}` | JSON [`ArtifactList`] | — |
+//! | `chunk {artifact, offset, len}` | `[offset, offset + len)` of the artifact | `total`, `offset` |
+//!
+//! Metadata has no size cap of its own: a device fetches it in ranges of at most
+//! [`CHUNK_LEN`] until `total`, zstd-compressed when it says it decodes zstd and that is
+//! smaller (the server compresses once per content and caches, so every range of one
+//! version comes from the same bytes). Ranges are stitched under one `etag` only; a new
+//! etag (a release published between two requests) starts the fetch again from byte 0.
+//! The device refuses a `total` over the role's TUF cap before asking for more, and
+//! decodes into at most that cap ([`metadata`]). A server from before ranges answers a
+//! ranged request with the whole file and no `total`, which the device takes as is.
+//!
 //! Every decoder here caps sizes before allocating.
 
 use std::collections::BTreeMap;
