@@ -94,7 +94,7 @@ fn make_leaf(dir: &Path, name: &str, san: &str, ca: &Pem) -> Pem {
     openssl(
         Command::new("openssl")
             .args(["x509", "-req", "-days", "2", "-set_serial"])
-            .arg(format!("{}", fastrand_serial()))
+            .arg(format!("{}", serial()))
             .arg("-in")
             .arg(&csr)
             .arg("-CA")
@@ -109,7 +109,7 @@ fn make_leaf(dir: &Path, name: &str, san: &str, ca: &Pem) -> Pem {
     pem
 }
 
-fn fastrand_serial() -> u64 {
+fn serial() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
