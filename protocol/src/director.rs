@@ -28,6 +28,15 @@
 //! retained MQTT message delivered again after a reconnect): the caller keeps the
 //! [`CounterState`] of the last accepted assignment. A lower counter, or an equal counter
 //! with different content, is rejected as a replay.
+//!
+//! # Renewal
+//! Assignments expire. Before that the director re-signs the same targets with a later
+//! `expires` and, since the content changed, a greater counter; the renewal says
+//! `"renews": O`, the counter of the assignment whose targets it repeats (the operator's
+//! original, not an earlier renewal). A device whose last accepted counter is `O` or
+//! more has acted on those targets already: [`AcceptedAssignment::renewal`] tells it
+//! that nothing is to be done (no download, no activation, no retry of a release it
+//! refused). A device that missed `O` treats the renewal as the new assignment it is.
 
 use std::collections::BTreeMap;
 
@@ -182,6 +191,10 @@ pub struct Assignment {
     pub expires: UtcTime,
     /// Model slot name → target.
     pub targets: BTreeMap<String, SlotTarget>,
+    /// For a renewal: the counter of the assignment whose targets this one repeats (see
+    /// "Renewal" in the module docs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renews: Option<u64>,
     /// Unknown fields, kept verbatim.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
@@ -211,6 +224,7 @@ impl Assignment {
             counter,
             expires,
             targets: BTreeMap::new(),
+            renews: None,
             extra: BTreeMap::new(),
         }
     }
@@ -250,6 +264,10 @@ pub struct AcceptedAssignment {
     pub state: CounterState,
     /// True when this is the last accepted assignment delivered again.
     pub redelivered: bool,
+    /// True when this is a renewal of targets the device already acted on: a greater
+    /// counter whose `renews` is at most the last accepted counter. Persist `state`;
+    /// there is nothing else to do.
+    pub renewal: bool,
 }
 
 /// Signs an assignment with director keys, returning the document bytes.
@@ -297,6 +315,7 @@ pub fn verify_assignment(
     }
     let digest: [u8; 32] = Sha256::digest(&msg).into();
     let mut redelivered = false;
+    let mut renewal = false;
     if let Some(last) = last {
         if assignment.counter < last.counter {
             return Err(DirectorError::Replayed {
@@ -312,6 +331,10 @@ pub fn verify_assignment(
             }
             redelivered = true;
         }
+        renewal = !redelivered
+            && assignment
+                .renews
+                .is_some_and(|o| o < assignment.counter && o <= last.counter);
     }
     if assignment.expires <= now {
         return Err(DirectorError::Expired {
@@ -338,6 +361,7 @@ pub fn verify_assignment(
         },
         assignment: Verified::new_verified(assignment),
         redelivered,
+        renewal,
     })
 }
 

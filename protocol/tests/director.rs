@@ -187,6 +187,49 @@ fn accepts_redelivery_of_same_assignment_but_not_reused_counter() {
 }
 
 #[test]
+fn renewal_of_accepted_targets_is_a_no_op_but_not_when_the_original_was_missed() {
+    let mut d = Device::new();
+    let original = d.assignment(4);
+    let first = d
+        .verify_signed_by(&original, &[&key(5)], None, now())
+        .unwrap();
+    assert!(!first.renewal);
+    let mut renewed = original.clone();
+    renewed.counter = 5;
+    renewed.renews = Some(4);
+    renewed.expires = t("2031-01-01T00:00:00Z");
+    let r = d
+        .verify_signed_by(&renewed, &[&key(5)], Some(&first.state), now())
+        .unwrap();
+    assert!(r.renewal && !r.redelivered);
+    assert_eq!(r.state.counter, 5);
+    // A renewal of a renewal still names the original; a device that accepted the
+    // first renewal (5 >= 4) skips it too.
+    let mut again = renewed.clone();
+    again.counter = 6;
+    let r2 = d
+        .verify_signed_by(&again, &[&key(5)], Some(&r.state), now())
+        .unwrap();
+    assert!(r2.renewal);
+    // A device whose last accepted assignment is older than the original must act.
+    let two = d.assignment(2);
+    let older = d.verify_signed_by(&two, &[&key(5)], None, now()).unwrap();
+    let missed = d
+        .verify_signed_by(&renewed, &[&key(5)], Some(&older.state), now())
+        .unwrap();
+    assert!(!missed.renewal);
+    // So must a device with no assignment, and `renews` not below the counter means
+    // nothing.
+    assert!(!d.verify(&renewed).unwrap().renewal);
+    let mut bogus = d.assignment(9);
+    bogus.renews = Some(9);
+    let b = d
+        .verify_signed_by(&bogus, &[&key(5)], Some(&r2.state), now())
+        .unwrap();
+    assert!(!b.renewal);
+}
+
+#[test]
 fn rejects_expired_assignment() {
     let mut d = Device::new();
     let mut a = d.assignment(1);

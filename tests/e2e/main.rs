@@ -13,5 +13,6 @@ mod fleet_install;
 mod fleet_kill;
 mod fleet_metadata;
 mod fleet_refusals;
+mod fleet_renewal;
 mod fleet_telemetry;
 mod fleet_tls;

@@ -839,7 +839,8 @@ fn verify_inner(
     })?;
     db.raise_time_floor(now.unix()).map_err(|e| disk(&e))?;
     let mut jobs = Vec::new();
-    if !accepted.redelivered {
+    // A redelivery or a renewal repeats targets this device has acted on already.
+    if !accepted.redelivered && !accepted.renewal {
         for (slot, want) in &accepted.assignment.targets {
             let info = updater
                 .get_target_info(&want.path)

@@ -123,6 +123,13 @@ struct ServeArgs {
     /// Reload Mosquitto (SIGHUP) after devices are added or their credentials rotated.
     #[arg(long)]
     mosquitto_passwd_file: Option<PathBuf>,
+    /// Lifetime of director assignments, in seconds.
+    #[arg(long, default_value_t = 30 * 86_400, value_parser = clap::value_parser!(i64).range(2..))]
+    assignment_expiry_secs: i64,
+    /// Assignments that expire within this many seconds are re-signed with the next
+    /// counter and re-published; below --assignment-expiry-secs.
+    #[arg(long, default_value_t = 7 * 86_400, value_parser = clap::value_parser!(i64).range(1..))]
+    assignment_renew_secs: i64,
 }
 
 /// What holds and what does not in embedded mode (docs/broker.md), said at every start.
@@ -133,6 +140,13 @@ dropped (chunk windows and telemetry acks stay below it; drops are logged); one 
 (use --broker with Mosquitto for more)";
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.assignment_renew_secs >= args.assignment_expiry_secs {
+        anyhow::bail!(
+            "--assignment-renew-secs ({}) must be below --assignment-expiry-secs ({})",
+            args.assignment_renew_secs,
+            args.assignment_expiry_secs
+        );
+    }
     let broker = match &args.broker {
         Some(url) => {
             let (host, port) = BrokerClient::parse_url(url)?;
@@ -169,7 +183,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         http: args.http,
         broker,
         mosquitto_passwd_file: args.mosquitto_passwd_file,
-        expiries: OnlineExpiries::default(),
+        expiries: OnlineExpiries {
+            assignment_secs: args.assignment_expiry_secs,
+            assignment_renew_secs: args.assignment_renew_secs,
+            ..OnlineExpiries::default()
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

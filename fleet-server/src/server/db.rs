@@ -489,6 +489,18 @@ impl Db {
         Ok(out)
     }
 
+    /// Raises the assignment counter of `id` by one and returns it (a renewal keeps
+    /// the slots).
+    pub fn next_assignment_counter(&self, id: &str) -> Result<u64> {
+        let counter: i64 = self.conn().query_row(
+            "UPDATE devices SET assignment_counter = assignment_counter + 1 WHERE id = ?1
+             RETURNING assignment_counter",
+            [id],
+            |r| r.get(0),
+        )?;
+        Ok(counter as u64)
+    }
+
     /// Stores the signed assignment document of a device.
     pub fn store_assignment(&self, id: &str, doc: &[u8]) -> Result<()> {
         self.conn().execute(

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use outpost_protocol::director::{Assignment, SlotTarget, sign_assignment};
-use outpost_protocol::tuf::metadata::TargetFile;
+use outpost_protocol::tuf::metadata::{Envelope, RoleMetadata, TargetFile};
 use outpost_protocol::tuf::{SigningKey, UtcTime};
 
 use super::ServerError;
@@ -38,6 +38,48 @@ pub fn sign(
                 extra: BTreeMap::new(),
             },
         );
+    }
+    Ok(sign_assignment(&a, &[key])?)
+}
+
+/// A stored (server-signed) assignment document, parsed without verification.
+pub fn parse(doc: &[u8]) -> Result<Assignment, ServerError> {
+    let env = Envelope::from_bytes(
+        Assignment::TYPE,
+        doc,
+        outpost_protocol::director::MAX_ASSIGNMENT_BYTES,
+    )
+    .map_err(|e| ServerError::Invalid(format!("stored assignment: {e}")))?;
+    env.parse_signed()
+        .map_err(|e| ServerError::Invalid(format!("stored assignment: {e}")))
+}
+
+/// Whether `current` should be renewed at `now`: it expires within `window_secs`.
+pub fn due(current: &Assignment, now: UtcTime, window_secs: i64) -> bool {
+    current.expires.unix() - now.unix() < window_secs
+}
+
+/// Re-signs `current` with `counter` and `expires`: the same slots, except those whose
+/// target the image repository no longer lists with the same length and hashes (a
+/// device would refuse the whole assignment for them), and `renews` naming the
+/// operator's original assignment (protocol `director`, "Renewal").
+pub fn renew(
+    key: &SigningKey,
+    current: &Assignment,
+    counter: u64,
+    targets: &BTreeMap<&str, &TargetRow>,
+    expires: UtcTime,
+) -> Result<Vec<u8>, ServerError> {
+    let mut a = Assignment::new(&current.device_id, counter, expires);
+    a.renews = Some(current.renews.unwrap_or(current.counter));
+    for (model, slot) in &current.targets {
+        let listed = targets
+            .get(slot.path.as_str())
+            .and_then(|row| serde_json::from_value::<TargetFile>(row.file.clone()).ok())
+            .is_some_and(|f| f.length == slot.length && f.hashes == slot.hashes);
+        if listed {
+            a.targets.insert(model.clone(), slot.clone());
+        }
     }
     Ok(sign_assignment(&a, &[key])?)
 }

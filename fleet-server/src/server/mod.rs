@@ -713,6 +713,62 @@ impl Core {
         Ok((assigned, out))
     }
 
+    /// Renews every assignment that expires within the renewal window at `now` (call
+    /// periodically): the same targets re-signed with the device's next counter, a new
+    /// expiry and `renews` naming the operator's original, so that devices that acted
+    /// on it do nothing. Returns the retained messages to publish.
+    pub fn renew_assignments(&self, now: UtcTime) -> Result<Vec<Outgoing>> {
+        let expiries = self.repo.expiries();
+        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut targets = None;
+        let mut out = Vec::new();
+        let mut renewed = Vec::new();
+        for (device, doc) in self.db.assignments()? {
+            let current = match director::parse(&doc) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("outpost-server: not renewing {device}'s assignment: {e}");
+                    continue;
+                }
+            };
+            if !director::due(&current, now, expiries.assignment_renew_secs) {
+                continue;
+            }
+            let rows = match &targets {
+                Some(rows) => rows,
+                None => targets.insert(self.db.targets()?),
+            };
+            let by_path: BTreeMap<&str, &TargetRow> =
+                rows.iter().map(|t| (t.path.as_str(), t)).collect();
+            let counter = self.db.next_assignment_counter(&device)?;
+            let doc = director::renew(
+                self.repo.director_key(),
+                &current,
+                counter,
+                &by_path,
+                now.plus_seconds(expiries.assignment_secs),
+            )?;
+            self.db.store_assignment(&device, &doc)?;
+            let topics = wire::DeviceTopics::new(&device)
+                .map_err(|e| ServerError::Invalid(e.to_string()))?;
+            out.push(Outgoing {
+                topic: topics.assignment,
+                payload: doc,
+                retain: true,
+            });
+            renewed.push(Assigned { device, counter });
+        }
+        if !renewed.is_empty() {
+            self.db.audit(
+                unix(now),
+                "server",
+                "assign.renew",
+                &serde_json::json!({ "devices": renewed }),
+            );
+        }
+        Ok(out)
+    }
+
     /// The retained assignment of every device (republished when the broker lost our
     /// session).
     pub fn current_assignments(&self) -> Result<Vec<Outgoing>> {
@@ -1063,9 +1119,10 @@ pub async fn start(cfg: ServeConfig) -> Result<RunningServer> {
     }));
 
     let refresher = core.clone();
+    let publisher = mqtt.clone();
     let mut rx = shutdown_rx;
     tasks.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
+        let mut tick = tokio::time::interval(cfg.expiries.check_interval());
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -1073,11 +1130,29 @@ pub async fn start(cfg: ServeConfig) -> Result<RunningServer> {
             }
             let c = refresher.clone();
             let r = tokio::task::spawn_blocking(move || {
-                c.refresh_online(now()).map_err(|e| e.to_string())
+                let t = now();
+                let refreshed = c.refresh_online(t).map_err(|e| e.to_string());
+                (refreshed, c.renew_assignments(t).map_err(|e| e.to_string()))
             })
             .await;
-            if let Ok(Err(e)) = r {
+            let Ok((refreshed, renewed)) = r else {
+                continue;
+            };
+            if let Err(e) = refreshed {
                 eprintln!("outpost-server: re-signing online metadata failed: {e}");
+            }
+            match renewed {
+                Err(e) => eprintln!("outpost-server: renewing assignments failed: {e}"),
+                Ok(msgs) if !msgs.is_empty() => {
+                    if let Some(m) = &publisher
+                        && let Err(e) = m.publish(msgs).await
+                    {
+                        // Stored: republished on the next session the broker does not
+                        // remember.
+                        eprintln!("outpost-server: publishing renewed assignments: {e}");
+                    }
+                }
+                Ok(_) => {}
             }
         }
     }));

@@ -31,6 +31,19 @@ pub struct OnlineExpiries {
     pub timestamp_secs: i64,
     /// Director assignment lifetime in seconds.
     pub assignment_secs: i64,
+    /// Assignments expiring within this many seconds are renewed (re-signed with the
+    /// next counter and re-published).
+    pub assignment_renew_secs: i64,
+}
+
+impl OnlineExpiries {
+    /// How often the server checks for metadata and assignments to re-sign: every 10
+    /// minutes, more often when the renewal window is short (a quarter of it, at least
+    /// every second).
+    pub fn check_interval(&self) -> std::time::Duration {
+        let quarter_ms = self.assignment_renew_secs.max(4) * 250;
+        std::time::Duration::from_millis(quarter_ms.clamp(1000, 600_000) as u64)
+    }
 }
 
 impl Default for OnlineExpiries {
@@ -39,6 +52,7 @@ impl Default for OnlineExpiries {
             snapshot_secs: 7 * 86_400,
             timestamp_secs: 86_400,
             assignment_secs: 30 * 86_400,
+            assignment_renew_secs: 7 * 86_400,
         }
     }
 }
