@@ -293,6 +293,7 @@ impl Core {
             )?;
         }
         core.write_passwd_file()?;
+        core.warm_metadata();
         Ok(core)
     }
 
@@ -394,6 +395,14 @@ impl Core {
         Ok(())
     }
 
+    /// Compresses the current `targets.json` for devices ahead of their requests: the
+    /// largest file, new at every release, and served one request at a time.
+    fn warm_metadata(&self) {
+        if let Ok(Some(bytes)) = self.repo.metadata("targets", None) {
+            self.meta_cache.warm(&bytes);
+        }
+    }
+
     /// Re-signs snapshot and timestamp if they are getting stale (call periodically).
     pub fn refresh_online(&self, now: UtcTime) -> Result<()> {
         let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -423,6 +432,7 @@ impl Core {
         let new = self.ingest_new_targets(&staged, now)?;
         self.repo.commit(&staged)?;
         self.index(&staged)?;
+        self.warm_metadata();
         let version = staged.set.targets().map(|t| t.version).unwrap_or_default();
         let views = self.release_views()?;
         let out: Vec<ReleaseView> = views
