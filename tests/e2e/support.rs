@@ -550,7 +550,7 @@ impl Fleet {
             .unwrap_or_else(|e| panic!("GET device {id}: {e}"))
     }
 
-    /// Waits until the server sees `id` running `t` and resting, after an assignment with
+    /// Waits until the server sees `id` running `t`, committed, after an assignment with
     /// at least `counter`; returns the device's last status report.
     pub fn wait_converged(&self, id: &str, t: &Target, counter: u64) -> serde_json::Value {
         let deadline = Instant::now() + WAIT;
@@ -560,8 +560,8 @@ impl Fleet {
             let slot = &s["models"][MODEL];
             if slot["active_sha256"] == t.sha256.as_str()
                 && slot["active"] == t.path.as_str()
-                // Committed, or idle after a redelivered assignment needed no job.
-                && (s["update"]["state"] == "committed" || s["update"].is_null())
+                // A redelivered assignment leaves it committed (the last outcome stays).
+                && s["update"]["state"] == "committed"
                 && s["assignment_counter"].as_u64() >= Some(counter)
             {
                 return s.clone();

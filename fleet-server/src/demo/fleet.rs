@@ -445,8 +445,7 @@ impl Watch<'_> {
                     let slot = &s["models"][MODEL];
                     if current
                         && slot["active_sha256"] == t.sha256.as_str()
-                        // Committed, or idle after a redelivered assignment needed no job.
-                    && (s["update"]["state"] == "committed" || s["update"].is_null())
+                        && s["update"]["state"] == "committed"
                     {
                         done.insert(id.to_owned(), s.clone());
                     }
