@@ -71,6 +71,8 @@ fn renewal_is_a_no_op(broker: Broker) {
         "a renewal made the device download again: {}",
         renewed["bytes_received"]
     );
+    // The status still says how the last update ended.
+    assert_eq!(renewed["state"]["state"], "failed");
     assert!(
         f.device("r1")["assignment_counter"].as_u64() >= Some(c2 + 3),
         "the server's counter lags the device's"

@@ -14,5 +14,6 @@ mod fleet_kill;
 mod fleet_metadata;
 mod fleet_refusals;
 mod fleet_renewal;
+mod fleet_root;
 mod fleet_telemetry;
 mod fleet_tls;

@@ -12,7 +12,7 @@ use outpost_protocol::release::ModelRelease;
 use outpost_protocol::tuf::time::UtcTime;
 use outpost_server::keys::SealCost;
 use outpost_server::repo::{Expiries, InitOptions, Repo, RootRotation};
-use outpost_server::server::client::{ApiClient, push_release};
+use outpost_server::server::client::{ApiClient, push_release, push_root};
 
 // Not under src/bin/ directly: cargo would take it for a binary.
 #[path = "outpostctl/device_target.rs"]
@@ -325,6 +325,15 @@ enum RootCmd {
         /// Replace the key of a role (targets, snapshot, timestamp, director). Repeatable.
         #[arg(long = "replace-role-key")]
         replace_roles: Vec<String>,
+    },
+    /// Upload the root versions the fleet server does not have yet, oldest first (with
+    /// targets.json when a rotation replaced the release key). Devices fetch them at
+    /// their next refresh.
+    Push {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        server: ServerArg,
     },
 }
 
@@ -676,6 +685,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r.keyids.len(),
                 r.threshold
             );
+            println!("  upload it to the fleet server: outpostctl root push --repo ...");
+        }
+        Command::Root(RootCmd::Push { repo, server }) => {
+            let pushed = push_root(&server.client()?, &Repo::open(&repo.repo, passphrase())?)?;
+            if pushed.is_empty() {
+                println!("the server has the repository's root already");
+            }
+            for v in pushed {
+                println!("uploaded root v{v}");
+            }
         }
     }
     Ok(())

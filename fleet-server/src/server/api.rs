@@ -158,6 +158,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tokens", post(create_token))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/root", get(root))
+        .route("/api/v1/repository/root", post(upload_root))
         .route("/api/v1/blobs/{sha256}", put(put_blob))
         .route("/api/v1/releases", post(upload_release).get(list_releases))
         .route("/api/v1/models", get(list_models))
@@ -227,6 +228,34 @@ async fn root(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Respon
     require(&s, &headers, Role::Viewer)?;
     let bytes = s.core.repo().root_bytes()?;
     Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
+}
+
+#[derive(Deserialize)]
+struct RootReq {
+    /// The signed next `root.json`, verbatim.
+    root: String,
+    /// The signed `targets.json`, verbatim, when the rotation replaced the release key.
+    #[serde(default)]
+    targets: Option<String>,
+}
+
+async fn upload_root(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Json(req): Json<RootReq>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let actor = require(&s, &headers, Role::Operator)?;
+    let core = s.core.clone();
+    let version = blocking(move || {
+        core.upload_root(
+            &actor,
+            req.root.as_bytes(),
+            req.targets.as_deref().map(str::as_bytes),
+            now(),
+        )
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(json!({ "version": version }))))
 }
 
 async fn put_blob(

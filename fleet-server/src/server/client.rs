@@ -210,3 +210,36 @@ pub fn push_release(
         &serde_json::json!({ "targets": targets }),
     )?)
 }
+
+/// Uploads the root versions of an operator repository that the server does not have
+/// yet, oldest first (`POST /api/v1/repository/root`), each with the repository's
+/// `targets.json` when its targets keys differ from the server's current root (a
+/// rotation that replaced the release key). Returns the versions uploaded.
+pub fn push_root(api: &ApiClient, repo: &crate::repo::Repo) -> Result<Vec<u64>, PushError> {
+    let read = |name: &str| {
+        let path = repo.metadata_dir().join(name);
+        std::fs::read_to_string(&path).map_err(|source| PushError::Io { path, source })
+    };
+    let mut server = api.get("/api/v1/root")?;
+    let local = repo.root()?.version;
+    let mut pushed = Vec::new();
+    while let Some(v) = server["signed"]["version"].as_u64().map(|v| v + 1)
+        && v <= local
+    {
+        let root = read(&format!("{v}.root.json"))?;
+        let next: Value = serde_json::from_str(&root).map_err(|e| {
+            PushError::Repo(crate::repo::RepoError::Usage(format!(
+                "{v}.root.json does not parse: {e}"
+            )))
+        })?;
+        let keys = |r: &Value| r["signed"]["roles"]["targets"]["keyids"].clone();
+        let mut body = serde_json::json!({ "root": root });
+        if keys(&next) != keys(&server) {
+            body["targets"] = read("targets.json")?.into();
+        }
+        api.post("/api/v1/repository/root", &body)?;
+        pushed.push(v);
+        server = next;
+    }
+    Ok(pushed)
+}

@@ -451,6 +451,36 @@ impl Core {
         Ok(out)
     }
 
+    /// Accepts the next root version, signed offline by operators: it must chain from
+    /// the trusted root (a threshold of the old and of the new root keys, version + 1)
+    /// and keep listing the server's online keys; the repository must verify under it
+    /// (with `targets` when the rotation replaced the release key). Writes
+    /// `N.root.json` and `root.json`, then snapshot and timestamp re-signed; devices
+    /// find the new root when they probe `N.root.json`. Returns the new version.
+    pub fn upload_root(
+        &self,
+        actor: &str,
+        root: &[u8],
+        targets: Option<&[u8]>,
+        now: UtcTime,
+    ) -> Result<u64> {
+        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let staged = self.repo.stage_root(root, targets, now)?;
+        let version = staged.set.root().version;
+        if targets.is_some() {
+            self.ingest_new_targets(&staged, now)?;
+        }
+        self.repo.commit(&staged)?;
+        self.index(&staged)?;
+        self.db.audit(
+            unix(now),
+            actor,
+            "root.upload",
+            &serde_json::json!({ "version": version }),
+        );
+        Ok(version)
+    }
+
     /// Checks and stores the bytes of every target not yet stored; computes deltas.
     /// Returns the sha256 of the new targets.
     fn ingest_new_targets(&self, staged: &Staged, now: UtcTime) -> Result<Vec<String>> {

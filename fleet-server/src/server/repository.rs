@@ -263,7 +263,14 @@ impl ImageRepo {
 
     /// Walks the root chain from `1.root.json` as a new device would; returns the
     /// trusted set after the current root.
-    fn trust_root(&self, now: UtcTime) -> Result<TrustedSet, ServerError> {
+    /// With `next`, then verifies it as the following root (TUF 5.3.4-5.3.5: signed by a
+    /// threshold of the trusted root's keys and of its own, version exactly one more),
+    /// refused as the client's fault.
+    fn trust_root_then(
+        &self,
+        now: UtcTime,
+        next: Option<&[u8]>,
+    ) -> Result<TrustedSet, ServerError> {
         let first = self
             .read_meta("1.root.json")?
             .ok_or_else(|| ServerError::Invalid("repository has no 1.root.json".into()))?;
@@ -281,7 +288,64 @@ impl ImageRepo {
                 set.root().version
             )));
         }
+        if let Some(next) = next {
+            let trusted = set.root().version;
+            set.update_root(next).map_err(|e| {
+                ServerError::Rejected(format!(
+                    "the new root does not chain from the trusted root v{trusted}: {e}"
+                ))
+            })?;
+        }
         Ok(set)
+    }
+
+    /// Verifies `root` as the next root version and stages the repository under it:
+    /// the current targets roles (or `targets`, e.g. re-signed with a replaced release
+    /// key; equal bytes count as unchanged) verified with the new root's keys, snapshot
+    /// and timestamp re-signed, root files first. The new root must keep listing the
+    /// server's online keys (timestamp, snapshot, director). Nothing is written.
+    pub fn stage_root(
+        &self,
+        root: &[u8],
+        targets: Option<&[u8]>,
+        now: UtcTime,
+    ) -> Result<Staged, ServerError> {
+        let set = self.trust_root_then(now, Some(root))?;
+        let new = set.root();
+        for (role, key) in [
+            ("timestamp", &self.timestamp_key),
+            ("snapshot", &self.snapshot_key),
+            (
+                outpost_protocol::director::DIRECTOR_ROLE,
+                &self.director_key,
+            ),
+        ] {
+            if !new
+                .roles
+                .get(role)
+                .is_some_and(|r| r.keyids.iter().any(|id| id == key.key_id()))
+            {
+                return Err(ServerError::Rejected(format!(
+                    "root v{} does not list the server's online {role} key {}: the server \
+                     could no longer sign (replacing online keys needs the new keys on the \
+                     server, which this upload does not carry)",
+                    new.version,
+                    &key.key_id()[..8]
+                )));
+            }
+        }
+        let version = new.version;
+        let current_targets = self.read_meta("targets.json")?;
+        let targets = targets.filter(|t| current_targets.as_deref() != Some(*t));
+        let mut staged = self.stage_under(targets, &BTreeMap::new(), now, Some(root))?;
+        staged.files.splice(
+            0..0,
+            [
+                (format!("{version}.root.json"), root.to_vec()),
+                ("root.json".to_owned(), root.to_vec()),
+            ],
+        );
+        Ok(staged)
     }
 
     fn current_delegated(&self) -> Result<BTreeMap<String, Vec<u8>>, ServerError> {
@@ -309,6 +373,16 @@ impl ImageRepo {
         targets: Option<&[u8]>,
         delegated: &BTreeMap<String, Vec<u8>>,
         now: UtcTime,
+    ) -> Result<Staged, ServerError> {
+        self.stage_under(targets, delegated, now, None)
+    }
+
+    fn stage_under(
+        &self,
+        targets: Option<&[u8]>,
+        delegated: &BTreeMap<String, Vec<u8>>,
+        now: UtcTime,
+        next_root: Option<&[u8]>,
     ) -> Result<Staged, ServerError> {
         let current_targets = self
             .read_meta("targets.json")?
@@ -362,7 +436,7 @@ impl ImageRepo {
         ts.version = old_ts.version() + 1;
         let ts_bytes = Envelope::sign_document(&ts, &[&self.timestamp_key])?;
 
-        let mut set = self.trust_root(now)?;
+        let mut set = self.trust_root_then(now, next_root)?;
         set.update_timestamp(&ts_bytes)?;
         set.update_snapshot(&snap_bytes, false)?;
         set.update_targets(&roles["targets"])?;
@@ -419,8 +493,8 @@ impl ImageRepo {
         })
     }
 
-    /// Writes a staged state; the timestamp goes last, so a device reading meanwhile
-    /// sees either the old or the new consistent set.
+    /// Writes a staged state; a new root goes first and the timestamp last, so a device
+    /// reading meanwhile sees either the old or the new consistent set.
     pub fn commit(&self, staged: &Staged) -> Result<(), ServerError> {
         let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         for (name, bytes) in &staged.files {
