@@ -472,6 +472,7 @@ impl Core {
         }
         self.repo.commit(&staged)?;
         self.index(&staged)?;
+        self.warm_metadata();
         self.db.audit(
             unix(now),
             actor,
