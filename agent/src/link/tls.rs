@@ -11,7 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rumqttc::ConnectionError;
+use rumqttc::{ConnectReturnCode, ConnectionError};
 use tokio_rustls::rustls::client::WebPkiServerVerifier;
 use tokio_rustls::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
@@ -187,6 +187,16 @@ impl ServerCertVerifier for NameOverride {
 /// the link's TLS settings (`None`: plain `mqtt://`).
 pub(crate) fn describe(e: &ConnectionError, endpoint: &str, tls: Option<&TlsSettings>) -> String {
     match (e, tls) {
+        (
+            ConnectionError::ConnectionRefused(
+                code @ (ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized),
+            ),
+            _,
+        ) => format!(
+            "{endpoint} refused the device's credentials ({code:?}): the bundle's \
+             credentials file does not match the device's broker password (provisioned with \
+             `outpostctl devices add`, replaced by each `outpostctl devices bundle`)"
+        ),
         (ConnectionError::Tls(t), Some(s)) => describe_tls(t, endpoint, s),
         (ConnectionError::Io(io), Some(_)) if io.kind() == io::ErrorKind::ConnectionRefused => {
             format!("cannot reach {endpoint}: {io}")
@@ -300,5 +310,23 @@ mod tests {
         let p = dir.path().join("ca.pem");
         let e = client_config(&settings(&p), "bad host!").unwrap_err();
         assert!(tls_err(&e).contains("bad host!"), "{e}");
+    }
+
+    #[test]
+    fn refused_credentials_are_named_on_either_transport() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = settings(&dir.path().join("ca.pem"));
+        for code in [
+            ConnectReturnCode::BadUserNamePassword,
+            ConnectReturnCode::NotAuthorized,
+        ] {
+            let e = ConnectionError::ConnectionRefused(code);
+            for t in [None, Some(&tls)] {
+                let m = describe(&e, "broker:1883", t);
+                assert!(m.contains("refused the device's credentials"), "{m}");
+            }
+        }
+        let other = ConnectionError::ConnectionRefused(ConnectReturnCode::ServiceUnavailable);
+        assert!(!describe(&other, "broker:1883", None).contains("credentials"));
     }
 }
