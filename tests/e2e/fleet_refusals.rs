@@ -1,6 +1,8 @@
-//! Refused updates: tampered artifacts on the server and forged or expired director
-//! assignments. Each is refused with a typed reason that reaches the server, and the
-//! old model keeps serving; the good counterpart of each is accepted.
+//! Refused updates: tampered artifacts on the server and forged, expired or mismatched
+//! director assignments (another device's, a target the image repository does not list,
+//! a length or hash that differs from it). Each is refused with a typed reason that
+//! reaches the server, and the old model keeps serving; the good counterpart of each is
+//! accepted.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -172,6 +174,10 @@ fn forged_assignments_are_refused(broker: Broker) {
         s.hashes.insert("sha256".into(), v1.sha256.clone());
     });
     let wrong_key = assignment(&repo, "e1", c1 + 13, later, &v2, |_| {});
+    let for_e2 = assignment(&repo, "e2", c1 + 14, later, &v2, |_| {});
+    let unlisted = assignment(&repo, "e1", c1 + 15, later, &v2, |s| {
+        s.path = format!("{MODEL}/9.9/cnn_a_ft.onnx");
+    });
     let cases = [
         (
             "expired",
@@ -192,6 +198,16 @@ fn forged_assignments_are_refused(broker: Broker) {
             "not the director's key",
             sign_assignment(&wrong_key, &[&not_director]).unwrap(),
             "signature",
+        ),
+        (
+            "another device's",
+            sign_assignment(&for_e2, &[&director]).unwrap(),
+            "assignment",
+        ),
+        (
+            "unlisted target",
+            sign_assignment(&unlisted, &[&director]).unwrap(),
+            "assignment",
         ),
     ];
     let mut last_message = String::new();

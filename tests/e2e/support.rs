@@ -820,7 +820,8 @@ impl Probe {
         let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
         opts.set_credentials(user, password);
         opts.set_clean_session(true);
-        opts.set_max_packet_size(300 * 1024, 300 * 1024);
+        // Outgoing up to 1 MiB: the broker, not the probe, refuses oversized packets.
+        opts.set_max_packet_size(300 * 1024, 1024 * 1024);
         let (client, mut conn) = rumqttc::Client::new(opts, 64);
         let (tx, events) = mpsc::channel();
         let (ctx, crx) = mpsc::channel();
