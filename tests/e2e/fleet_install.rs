@@ -56,6 +56,24 @@ fn installs_full_then_delta(broker: Broker) {
         assert!(s["last_error"].is_null(), "{id}: {s}");
     }
 
+    // Operators see the same through outpostctl: the releases with the delta kept for
+    // 1.1, and each device's reported state.
+    let models = f.ctl(&["models", "list"]);
+    assert!(
+        models.contains(&format!(
+            "{MODEL}\t1.1\tseq 2\t{} bytes\t{}",
+            v2.length, v2.path
+        )) && models.contains("delta from 1.0"),
+        "{models}"
+    );
+    let list = f.ctl(&["devices", "list"]);
+    let active = format!("  active {MODEL}={} (1.1)", v2.path);
+    assert_eq!(list.matches(&active).count(), ids.len(), "{list}");
+    // The agent and this test are built from one workspace version.
+    let agent = format!("\tagent {}\t", env!("CARGO_PKG_VERSION"));
+    assert_eq!(list.matches(&agent).count(), ids.len(), "{list}");
+    assert!(!list.contains("last error"), "{list}");
+
     // The CLI reads the same persisted state while the daemon runs.
     let cli = devices[0].status_cli();
     assert_eq!(cli["state"]["state"], "committed", "{cli}");

@@ -106,6 +106,16 @@ fn tampered_artifact_is_refused(broker: Broker) {
         s["models"][MODEL]["exec_path"].is_string(),
         "1.1 is not serving: {s}"
     );
+    // The operator's view: 1.1 active, the update of 1.2 failed, and why.
+    let list = f.ctl(&["devices", "list"]);
+    let kind = s["last_error"]["kind"].as_str().unwrap();
+    for line in [
+        format!("  active {MODEL}={} (1.1)", v2.path),
+        format!("  update {} failed", v3.path),
+        format!("  last error {kind}: "),
+    ] {
+        assert!(list.contains(&line), "no {line:?} in {list}");
+    }
     dev.stop();
     assert_eq!(
         dev.check_store(&[&v1, &v2, &v3]).as_deref(),

@@ -43,6 +43,9 @@ enum Command {
     /// Devices on the fleet server: provision, bundle, list.
     #[command(subcommand)]
     Devices(DevicesCmd),
+    /// Models and releases held by the fleet server.
+    #[command(subcommand)]
+    Models(ModelsCmd),
     /// Model deltas: what the server sends instead of a full model.
     #[command(subcommand)]
     Delta(DeltaCmd),
@@ -174,6 +177,16 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("tag {s:?} must be key=value"))
+}
+
+#[derive(Subcommand)]
+enum ModelsCmd {
+    /// Every release the server holds, by model, with the artifacts devices can fetch
+    /// (full file and deltas from earlier releases, smallest first).
+    List {
+        #[command(flatten)]
+        server: ServerArg,
+    },
 }
 
 #[derive(Subcommand)]
@@ -527,21 +540,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Devices(DevicesCmd::List { server }) => {
             let r = server.client()?.get("/api/v1/devices")?;
             for d in r["devices"].as_array().into_iter().flatten() {
-                let slots: Vec<String> = d["slots"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .map(|(m, t)| format!("{m}={}", t.as_str().unwrap_or("?")))
-                    .collect();
-                println!(
-                    "{}\tcounter {}\tacked {}\tlast seen {}\t{}",
-                    d["id"].as_str().unwrap_or("?"),
-                    d["assignment_counter"],
-                    d["telemetry_acked"],
-                    d["last_seen"],
-                    slots.join(",")
-                );
+                print!("{}", device_lines(d));
             }
+        }
+        Command::Models(ModelsCmd::List { server }) => {
+            let r = server.client()?.get("/api/v1/releases")?;
+            print!("{}", release_lines(&r["releases"]));
         }
         Command::Delta(cmd) => delta_cmd(cmd)?,
         Command::Assign {
@@ -698,6 +702,94 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `devices list`: one line of what the server assigned, then what the device last
+/// reported: active models, the update in progress, the last failure.
+fn device_lines(d: &serde_json::Value) -> String {
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_owned();
+    let slots: Vec<String> = d["slots"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(m, t)| format!("{m}={}", text(t)))
+        .collect();
+    let s = &d["status"];
+    let mut out = format!(
+        "{}\tagent {}\tcounter {}\tacked {}\tlast seen {}\tassigned {}\n",
+        text(&d["id"]),
+        s["agent_version"].as_str().unwrap_or("-"),
+        d["assignment_counter"],
+        d["telemetry_acked"],
+        d["last_seen"],
+        slots.join(",")
+    );
+    if s.is_null() {
+        out.push_str("  no status reported yet\n");
+        return out;
+    }
+    for (m, slot) in s["models"].as_object().into_iter().flatten() {
+        out.push_str(&format!(
+            "  active {m}={} ({})\n",
+            slot["active"].as_str().unwrap_or("-"),
+            slot["version"].as_str().unwrap_or("?")
+        ));
+    }
+    let u = &s["update"];
+    if !u.is_null() {
+        let mut line = format!("  update {} {}", text(&u["target"]), text(&u["state"]));
+        if let Some(kind) = u["artifact"].as_str() {
+            line.push_str(&format!(
+                " ({kind} {}/{} bytes)",
+                u["bytes_done"], u["bytes_total"]
+            ));
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    let e = &s["last_error"];
+    if !e.is_null() {
+        out.push_str(&format!(
+            "  last error {}: {}\n",
+            text(&e["kind"]),
+            text(&e["message"])
+        ));
+    }
+    out
+}
+
+/// `models list`: each release, then the artifacts that reconstruct it.
+fn release_lines(releases: &serde_json::Value) -> String {
+    let list = releases.as_array().map(Vec::as_slice).unwrap_or_default();
+    let version_of = |sha: &str| {
+        list.iter()
+            .find(|r| r["sha256"] == sha)
+            .and_then(|r| r["version"].as_str())
+            .map_or_else(|| format!("{}…", &sha[..sha.len().min(12)]), str::to_owned)
+    };
+    let mut out = String::new();
+    for r in list {
+        out.push_str(&format!(
+            "{}\t{}\tseq {}\t{} bytes\t{}\n",
+            r["model"].as_str().unwrap_or("?"),
+            r["version"].as_str().unwrap_or("?"),
+            r["sequence"],
+            r["length"],
+            r["path"].as_str().unwrap_or("?")
+        ));
+        for a in r["artifacts"].as_array().into_iter().flatten() {
+            let what = match a["base"].as_str() {
+                Some(base) => format!(
+                    "delta from {} ({})",
+                    version_of(base),
+                    a["codec"].as_str().unwrap_or("?")
+                ),
+                None => "full".to_owned(),
+            };
+            out.push_str(&format!("  {what}\t{} bytes\n", a["length"]));
+        }
+    }
+    out
 }
 
 fn main() -> ExitCode {
