@@ -210,6 +210,68 @@ fn keeps_a_delta_only_when_it_is_smaller_than_the_full_model() {
     assert_eq!(arts[0]["kind"], "full");
 }
 
+/// For every (base, target) pair the server keeps the smallest output of any codec,
+/// measured here codec by codec, and only when it beats the full file; the artifact list
+/// is smallest first. Pairs: a full fine-tune, a head-only fine-tune, and a re-quantized
+/// model with another graph (QDQ) whose deltas may lose to the full file.
+#[test]
+fn keeps_per_base_the_smallest_artifact_by_measurement() {
+    use outpost_protocol::delta::{Codec, DEFAULT_LEVEL, encode};
+    use outpost_server::server::artifacts::sha256_hex;
+
+    let f = Fixture::start(false);
+    let releases = [
+        ("cnn_a.onnx", "1.0"),
+        ("cnn_a_ft.onnx", "1.1"),
+        ("cnn_a_head_ft.onnx", "1.2"),
+        ("cnn_a_qdq.onnx", "1.3"),
+    ];
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    let mut deltas_kept = 0;
+    for (file, version) in releases {
+        let target = sign_fixture(&f.repo, file, "digits", version);
+        let r = push_release(&f.admin, &f.repo, "digits", version).unwrap();
+        let arts = r["releases"][0]["artifacts"].as_array().unwrap().clone();
+        let lens: Vec<u64> = arts.iter().map(|a| a["length"].as_u64().unwrap()).collect();
+        assert!(lens.is_sorted(), "{version}: not smallest first: {arts:?}");
+        let full: Vec<_> = arts.iter().filter(|a| a["kind"] == "full").collect();
+        assert_eq!(full.len(), 1, "{version}: {arts:?}");
+        assert_eq!(full[0]["length"].as_u64(), Some(target.len() as u64));
+
+        let bases = &held[held
+            .len()
+            .saturating_sub(outpost_server::server::DELTA_BASES)..];
+        for base in bases {
+            let smallest = Codec::ALL
+                .iter()
+                .map(|c| encode(base, &target, *c, DEFAULT_LEVEL).unwrap().len() as u64)
+                .min()
+                .unwrap();
+            let kept: Vec<_> = arts
+                .iter()
+                .filter(|a| a["base"] == sha256_hex(base).as_str())
+                .collect();
+            if smallest < target.len() as u64 {
+                assert_eq!(kept.len(), 1, "{version}: {arts:?}");
+                assert_eq!(
+                    kept[0]["length"].as_u64(),
+                    Some(smallest),
+                    "{version}: the kept delta is not the smallest codec output"
+                );
+                deltas_kept += 1;
+            } else {
+                assert!(
+                    kept.is_empty(),
+                    "{version}: a delta larger than the full file: {arts:?}"
+                );
+            }
+        }
+        held.push(target);
+    }
+    // 1.1 from 1.0; 1.2 from 1.0 and 1.1 (the fine-tunes share every tensor's layout).
+    assert!(deltas_kept >= 3, "only {deltas_kept} deltas kept");
+}
+
 #[test]
 fn bundle_holds_config_credentials_and_the_current_root() {
     let f = Fixture::start(false);
