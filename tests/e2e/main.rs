@@ -11,6 +11,7 @@ mod fleet_acl;
 mod fleet_broker;
 mod fleet_credentials;
 mod fleet_install;
+mod fleet_intercept;
 mod fleet_kill;
 mod fleet_metadata;
 mod fleet_oversize;
