@@ -232,9 +232,7 @@ fn server_pid(f: &Fleet) -> u32 {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if parent == Some(me.as_str())
-            && args.iter().any(|a| a == "serve")
-            && args.contains(&data)
+        if parent == Some(me.as_str()) && args.iter().any(|a| a == "serve") && args.contains(&data)
         {
             return pid;
         }
