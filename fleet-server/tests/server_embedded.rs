@@ -558,3 +558,100 @@ fn device_connects_over_tls_past_a_stalled_handshake_and_a_wrong_password_is_ref
     let bad = tls_connack(tls, &cert, "dev-1", "dev-1", "not-the-password");
     assert!(matches!(bad, Some(4 | 5)), "wrong password: {bad:?}");
 }
+
+/// `serve --ports-file` with every listener on port 0; returns the child and the file's
+/// JSON once it appeared.
+fn serve_with_ports_file(s: &Setup, extra: &[&str]) -> (Child, serde_json::Value) {
+    let ports = s.dir.path().join("ports.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outpost-server"));
+    cmd.args(["serve", "--data"])
+        .arg(s.data())
+        .args(["--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"])
+        .arg("--ports-file")
+        .arg(&ports)
+        .args(extra)
+        .arg("--import-repo")
+        .arg(s.repo.dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let json = loop {
+        if let Ok(b) = std::fs::read(&ports) {
+            break serde_json::from_slice::<serde_json::Value>(&b).unwrap();
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("outpost-server exited with {st} before writing its ports file");
+        }
+        assert!(std::time::Instant::now() < deadline, "no ports file");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    (child, json)
+}
+
+#[test]
+fn ports_file_names_every_listener_bound_on_port_zero() {
+    let s = Setup::new();
+    let (cert, key) = self_signed(s.dir.path());
+    let (mut child, ports) = serve_with_ports_file(
+        &s,
+        &[
+            "--mqtts",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let addr = |k: &str| -> SocketAddr { ports[k].as_str().unwrap().parse().unwrap() };
+    let (http, mqtt, mqtts) = (addr("http"), addr("mqtt"), addr("mqtts"));
+    let health = ApiClient::new(&format!("http://{http}"), "")
+        .get("/api/v1/health")
+        .unwrap();
+    assert_eq!(health["broker"], "connected", "{health}");
+    // Both device listeners are the broker's: a CONNACK refusing an unknown device.
+    let mut tcp = std::net::TcpStream::connect(mqtt).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    tcp.write_all(&connect_packet("dev-9", "dev-9", "x"))
+        .unwrap();
+    let mut ack = [0u8; 4];
+    tcp.read_exact(&mut ack).unwrap();
+    assert_eq!(ack[..2], [0x20, 0x02], "not a CONNACK: {ack:?}");
+    assert!(matches!(ack[3], 4 | 5), "unknown device: {ack:?}");
+    let tls = tls_connack(mqtts, &cert, "dev-9", "dev-9", "x");
+    assert!(
+        matches!(tls, Some(4 | 5)),
+        "unknown device over TLS: {tls:?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn serve_on_a_taken_port_exits_saying_address_in_use_and_writes_no_ports_file() {
+    let s = Setup::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let ports = s.dir.path().join("ports.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost-server"))
+        .args(["serve", "--data"])
+        .arg(s.data())
+        .args(["--http", "127.0.0.1:0", "--mqtt", &addr])
+        .arg("--ports-file")
+        .arg(&ports)
+        .arg("--import-repo")
+        .arg(s.repo.dir())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve ran on a taken port: {stderr}");
+    // Test harnesses draw another port on exactly this message.
+    assert!(stderr.contains("Address already in use"), "{stderr}");
+    assert!(
+        !ports.exists(),
+        "a ports file from a server that did not start"
+    );
+}

@@ -86,6 +86,12 @@ struct ServeArgs {
     /// HTTP listen address; the bound address is printed.
     #[arg(long, default_value = "127.0.0.1:0")]
     http: SocketAddr,
+    /// Once every listener is bound, write their addresses to this file as JSON
+    /// (`{"http": "127.0.0.1:8080", "mqtt": ..., "mqtts": ...}`, null for a listener that
+    /// is off), atomically: a script that sees the file can read it whole. With port 0
+    /// for each listener, this is how tests learn the ports the system chose.
+    #[arg(long)]
+    ports_file: Option<PathBuf>,
     /// External MQTT broker (Mosquitto), mqtt://host:port. Without it the server runs
     /// its embedded broker (see --mqtt, --mqtts).
     #[arg(long)]
@@ -189,6 +195,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ..OnlineExpiries::default()
         },
     };
+    let args_ports_file = args.ports_file;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -222,6 +229,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
         let _ = out.flush();
+        if let Some(path) = &args_ports_file {
+            write_ports_file(path, &server)?;
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         tokio::select! {
@@ -231,6 +241,27 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server.shutdown().await;
         anyhow::Ok(())
     })
+}
+
+/// Writes the bound addresses as JSON to a temporary file beside `path`, then renames
+/// it over `path` (a reader never sees a partial file).
+fn write_ports_file(
+    path: &std::path::Path,
+    server: &outpost_server::server::RunningServer,
+) -> anyhow::Result<()> {
+    let embedded = server.embedded.as_ref();
+    let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
+    let json = serde_json::json!({
+        "http": server.http_addr.to_string(),
+        "mqtt": addr(embedded.and_then(|b| b.mqtt_addr)),
+        "mqtts": addr(embedded.and_then(|b| b.mqtts_addr)),
+    });
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, format!("{json}\n"))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
 fn main() -> ExitCode {
