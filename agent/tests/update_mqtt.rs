@@ -1,7 +1,7 @@
 //! The daemon (`outpost-agent run`) against a real Mosquitto broker and a fake fleet
 //! server written here (a test double at the MQTT seam): metadata from a repository
 //! signed in the test, artifacts served in chunks, telemetry stored and acknowledged.
-//! Each test has its own broker on a free port and its own temp dir.
+//! Each test has its own broker (on a port it could bind) and its own temp dir.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
@@ -44,58 +44,118 @@ struct Broker {
     conf: PathBuf,
 }
 
+/// How many times Mosquitto is started (on a new port, or its own again after a
+/// restart) when it cannot bind its port.
+const BIND_ATTEMPTS: usize = 8;
+
+/// A port for Mosquitto, which cannot report a port-0 bind: drawn at random below the
+/// kernel's ephemeral range (`ip_local_port_range`), where neither a port-0 bind nor an
+/// outgoing connection lands, so only another explicit bind takes it (and a restarted
+/// broker finds it again); [`Broker::start`] draws again when Mosquitto cannot bind it.
+fn pick_port() -> u16 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = if low > 12_000 {
+        (10_000, low)
+    } else {
+        (1024, u16::MAX)
+    };
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        let port = from + (h.finish() % u64::from(to - from)) as u16;
+        // Only a filter: Mosquitto's own bind is what checks.
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 impl Broker {
     fn start(dir: &Path) -> Broker {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let persist = dir.join("mosquitto");
         std::fs::create_dir_all(&persist).unwrap();
         let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
-                 persistence_location {}/\nmax_queued_messages 100000\nlog_dest none\n",
-                persist.display()
-            ),
-        )
-        .unwrap();
-        let child = Self::spawn(&conf);
-        let b = Broker { child, port, conf };
-        b.wait_listening();
-        b
+        for _ in 0..BIND_ATTEMPTS {
+            let port = pick_port();
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                     persistence_location {}/\nmax_queued_messages 100000\nlog_dest stderr\n",
+                    persist.display()
+                ),
+            )
+            .unwrap();
+            if let Some(child) = Self::spawn(&conf) {
+                return Broker { child, port, conf };
+            }
+        }
+        panic!("mosquitto could not bind a port in {BIND_ATTEMPTS} attempts");
     }
 
-    fn spawn(conf: &Path) -> Child {
-        Command::new("/usr/sbin/mosquitto")
+    /// Starts Mosquitto and waits until it runs; `None` when it exited because its port
+    /// was taken.
+    fn spawn(conf: &Path) -> Option<Child> {
+        let mut child = Command::new("/usr/sbin/mosquitto")
             .arg("-c")
             .arg(conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
-            .expect("mosquitto runs")
-    }
-
-    fn wait_listening(&self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "broker did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            .expect("mosquitto runs");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = std::sync::mpsc::channel();
+        // Drains the pipe for the broker's whole life (a full pipe would stall it).
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let mut seen = Vec::new();
+        loop {
+            match log.recv_timeout(Duration::from_secs(20)) {
+                Ok(l) if l.contains(" running") => return Some(child),
+                Ok(l) => seen.push(l),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait().unwrap();
+                    assert!(
+                        seen.iter().any(|l| l.contains("Address already in use")),
+                        "mosquitto exited with {status}: {seen:#?}"
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("mosquitto did not start ({e}): {seen:#?}");
+                }
+            }
         }
     }
 
-    /// Kills the broker and starts it again on the same port and persistence.
+    /// Kills the broker and starts it again on the same port and persistence; again
+    /// while another process holds the port, [`BIND_ATTEMPTS`] at most.
     fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = Self::spawn(&self.conf);
-        self.wait_listening();
+        for attempt in 1..=BIND_ATTEMPTS {
+            if let Some(child) = Self::spawn(&self.conf) {
+                self.child = child;
+                return;
+            }
+            // Someone holds the port for now; it is ours again once they let go.
+            std::thread::sleep(Duration::from_millis(200 * attempt as u64));
+        }
+        panic!("mosquitto could not bind port {} again", self.port);
     }
 }
 

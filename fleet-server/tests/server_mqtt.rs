@@ -391,3 +391,20 @@ fn acl_confines_a_device_to_its_own_topics_and_bundle_credentials_connect() {
     d3.connected();
     subscribe_own(&f.rt, &d3);
 }
+
+#[test]
+fn harness_mosquitto_moves_to_another_port_when_its_port_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("mosquitto.passwd");
+    std::fs::write(&passwd, "").unwrap();
+    // Another process's listener on the port drawn first.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let held = taken.local_addr().unwrap().port();
+    let m = Mosquitto::start_from(
+        dir.path(),
+        &passwd,
+        [held].into_iter().chain(std::iter::repeat_with(pick_port)),
+    );
+    assert_ne!(m.port, held);
+    std::net::TcpStream::connect(("127.0.0.1", m.port)).expect("mosquitto listens");
+}

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 
 use outpost_protocol::bundle::AgentConfig;
 
-use crate::support::{Broker, Device, Fleet, Target, free_port};
+use crate::support::{Broker, Device, Fleet, Target};
 
 /// The DNS name (besides IP 127.0.0.1) in the fleet's server certificate.
 const SERVER_NAME: &str = "fleet.test";
@@ -126,10 +126,9 @@ fn tls_fleet(pki: &Path, ca: &Pem) -> (Fleet, Target, u16) {
         &format!("IP:127.0.0.1,DNS:{SERVER_NAME}"),
         ca,
     );
-    let port = free_port();
     let args: Vec<OsString> = vec![
         "--mqtts".into(),
-        format!("127.0.0.1:{port}").into(),
+        "127.0.0.1:0".into(),
         "--tls-cert".into(),
         leaf.cert.into(),
         "--tls-key".into(),
@@ -138,6 +137,7 @@ fn tls_fleet(pki: &Path, ca: &Pem) -> (Fleet, Target, u16) {
         ca.cert.clone().into(),
     ];
     let (f, v1) = Fleet::start_with(Broker::Embedded, &args, "");
+    let port = f.mqtts_port.expect("the TLS listener is bound");
     (f, v1, port)
 }
 
@@ -281,15 +281,14 @@ fn device_updates_over_tls_through_mosquitto_and_refuses_a_certificate_from_anot
         &ca,
     );
     // The server stays on the plain loopback listener; devices use the TLS one.
-    let port = free_port();
     let tls_listener = format!(
-        "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+        "cafile {}\ncertfile {}\nkeyfile {}\n",
         ca.cert.display(),
         leaf.cert.display(),
         leaf.key.display()
     );
     let (f, v1) = Fleet::start_with(Broker::Mosquitto, &[], &tls_listener);
-    let url = format!("mqtts://127.0.0.1:{port}");
+    let url = format!("mqtts://127.0.0.1:{}", f.mqtts_port.unwrap());
     let ca_file = ca.cert.to_str().unwrap();
     let mut d = f
         .add_devices_with(
@@ -319,10 +318,8 @@ struct TlsServer {
 
 impl TlsServer {
     fn start(pem: &Pem) -> TlsServer {
-        let port = free_port();
         let mut child = Command::new("openssl")
-            .args(["s_server", "-accept"])
-            .arg(format!("127.0.0.1:{port}"))
+            .args(["s_server", "-accept", "127.0.0.1:0"])
             .arg("-cert")
             .arg(&pem.cert)
             .arg("-key")
@@ -332,11 +329,14 @@ impl TlsServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("openssl s_server runs");
-        // It prints ACCEPT once it listens.
+        // Once it listens on port 0 it prints `ACCEPT 127.0.0.1:PORT`.
         let out = child.stdout.take().unwrap();
         let mut lines = std::io::BufReader::new(out).lines();
-        let ready = lines.by_ref().map_while(Result::ok).any(|l| l == "ACCEPT");
-        assert!(ready, "openssl s_server did not start");
+        let port = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("ACCEPT 127.0.0.1:")?.parse().ok())
+            .expect("openssl s_server prints the port it listens on");
         std::thread::spawn(move || lines.for_each(drop));
         TlsServer { child, port }
     }

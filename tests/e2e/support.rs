@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::BufRead as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
@@ -87,11 +88,82 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+/// How many times a process is started on newly drawn ports (or, after a restart, on
+/// its own ports again) when it cannot bind them.
+pub const BIND_ATTEMPTS: usize = 8;
+
+/// A port for a listener the harness starts in a child process that cannot report a
+/// port-0 bind (Mosquitto), or one that must come back on the same port after a restart
+/// (the server and its embedded broker). Drawn at random below the kernel's ephemeral
+/// range (`ip_local_port_range`), where neither a port-0 bind nor an outgoing
+/// connection ever lands, so only another explicit bind can take it between the draw
+/// and the child's bind. The caller still starts the child again on a new draw when it
+/// cannot bind ([`BIND_ATTEMPTS`]): other services and other tests draw here too.
+pub fn pick_port() -> u16 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = if low > 12_000 {
+        (10_000, low)
+    } else {
+        (1024, u16::MAX)
+    };
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        let port = from + (h.finish() % u64::from(to - from)) as u16;
+        // Only a filter (the port may be taken right after): the start that follows
+        // is what checks.
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// How a child process's start ended.
+enum Started {
+    Ready,
+    /// It exited and said `Address already in use`.
+    AddrInUse,
+}
+
+/// Waits until `ready()` holds while `child` runs. If the child exits first, its
+/// output (followed into `log` by `stderr`, joined here so it is complete) decides:
+/// `Address already in use` is [`Started::AddrInUse`], anything else a panic.
+fn wait_started(
+    child: &mut Child,
+    name: &str,
+    log: &Log,
+    mark: usize,
+    stderr: std::thread::JoinHandle<()>,
+    mut ready: impl FnMut() -> bool,
+) -> Started {
+    let exited = wait_for(&format!("{name} to start"), WAIT, || {
+        if ready() {
+            return Some(None);
+        }
+        child.try_wait().expect("waitpid").map(Some)
+    });
+    let Some(status) = exited else {
+        return Started::Ready;
+    };
+    let _ = stderr.join();
+    let prefix = format!("[{name}] ");
+    let in_use = log.lines()[mark..]
+        .iter()
+        .any(|l| l.starts_with(&prefix) && l.contains("Address already in use"));
+    if in_use {
+        return Started::AddrInUse;
+    }
+    log.dump(50);
+    panic!("{name} exited with {status} while starting");
 }
 
 /// Polls `f` until it returns `Some`, at most `timeout`.
@@ -133,8 +205,12 @@ impl Log {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Forwards a pipe's lines into the log from a thread.
-    fn follow(&self, name: &str, pipe: impl std::io::Read + Send + 'static) {
+    /// Forwards a pipe's lines into the log from a thread, which ends at the pipe's end.
+    fn follow(
+        &self,
+        name: &str,
+        pipe: impl std::io::Read + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
         let log = self.clone();
         let name = name.to_owned();
         std::thread::spawn(move || {
@@ -142,7 +218,7 @@ impl Log {
                 let Ok(line) = line else { break };
                 log.lines().push(format!("[{name}] {line}"));
             }
-        });
+        })
     }
 
     /// The number of lines so far (a mark for [`Log::wait_line`]).
@@ -150,14 +226,18 @@ impl Log {
         self.lines().len()
     }
 
+    /// Whether a line after `mark` starts with `[name]` and contains `needle`.
+    pub fn has_line(&self, mark: usize, name: &str, needle: &str) -> bool {
+        let prefix = format!("[{name}] ");
+        self.lines()[mark..]
+            .iter()
+            .any(|l| l.starts_with(&prefix) && l.contains(needle))
+    }
+
     /// Waits for a line after `mark` that starts with `[name]` and contains `needle`.
     pub fn wait_line(&self, mark: usize, name: &str, needle: &str) {
-        let prefix = format!("[{name}] ");
         wait_for(&format!("{name} to log {needle:?}"), WAIT, || {
-            self.lines()[mark..]
-                .iter()
-                .any(|l| l.starts_with(&prefix) && l.contains(needle))
-                .then_some(())
+            self.has_line(mark, name, needle).then_some(())
         });
     }
 
@@ -185,10 +265,49 @@ pub struct Mosquitto {
     child: Child,
     conf: PathBuf,
     log: Log,
+    /// The plain listener (the shipped config's).
+    pub port: u16,
+    /// The second listener, when asked for (TLS).
+    pub tls_port: Option<u16>,
 }
 
 impl Mosquitto {
-    fn start(dir: &Path, port: u16, passwd: &Path, extra: &str, log: &Log) -> Mosquitto {
+    /// Starts Mosquitto on newly drawn ports ([`pick_port`]) until it binds them. `tls`:
+    /// the options of a second listener (its `cafile`, `certfile`, `keyfile` lines), or
+    /// empty for none; the harness writes its `listener` line.
+    fn start(dir: &Path, passwd: &Path, tls: &str, log: &Log) -> Mosquitto {
+        for _ in 0..BIND_ATTEMPTS {
+            let port = pick_port();
+            let tls_port = (!tls.is_empty()).then(|| {
+                loop {
+                    let p = pick_port();
+                    if p != port {
+                        break p;
+                    }
+                }
+            });
+            let conf = Self::write_conf(dir, port, tls_port.map(|p| (p, tls)), passwd);
+            let mark = log.mark();
+            let (mut child, stderr) = Self::spawn(&conf, log);
+            let ready = || log.has_line(mark, "mosquitto", "running");
+            match wait_started(&mut child, "mosquitto", log, mark, stderr, ready) {
+                Started::Ready => {
+                    return Mosquitto {
+                        child,
+                        conf,
+                        log: log.clone(),
+                        port,
+                        tls_port,
+                    };
+                }
+                Started::AddrInUse => continue,
+            }
+        }
+        log.dump(50);
+        panic!("mosquitto could not bind a port in {BIND_ATTEMPTS} attempts");
+    }
+
+    fn write_conf(dir: &Path, port: u16, tls: Option<(u16, &str)>, passwd: &Path) -> PathBuf {
         let shipped_conf = std::fs::read_to_string(shipped("outpost.conf")).unwrap();
         let persist = dir.join("mosquitto-db");
         std::fs::create_dir_all(&persist).unwrap();
@@ -211,7 +330,9 @@ impl Mosquitto {
             out.push('\n');
         }
         assert_eq!(replaced, 4, "the shipped config lost a DEPLOY line");
-        out.push_str(extra);
+        if let Some((tls_port, options)) = tls {
+            out.push_str(&format!("listener {tls_port} 127.0.0.1\n{options}\n"));
+        }
         let user = Command::new("id").arg("-un").output().unwrap();
         out.push_str("log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n");
         out.push_str(&format!(
@@ -220,17 +341,10 @@ impl Mosquitto {
         ));
         let conf = dir.join("mosquitto.conf");
         std::fs::write(&conf, out).unwrap();
-        let mark = log.mark();
-        let child = Self::spawn(&conf, log);
-        log.wait_line(mark, "mosquitto", "running");
-        Mosquitto {
-            child,
-            conf,
-            log: log.clone(),
-        }
+        conf
     }
 
-    fn spawn(conf: &Path, log: &Log) -> Child {
+    fn spawn(conf: &Path, log: &Log) -> (Child, std::thread::JoinHandle<()>) {
         let mut child = Command::new("/usr/sbin/mosquitto")
             .arg("-c")
             .arg(conf)
@@ -239,19 +353,35 @@ impl Mosquitto {
             .stderr(Stdio::piped())
             .spawn()
             .expect("mosquitto (Debian package `mosquitto`) runs");
-        log.follow("mosquitto", child.stderr.take().unwrap());
-        child
+        let stderr = log.follow("mosquitto", child.stderr.take().unwrap());
+        (child, stderr)
     }
 
-    /// SIGTERM (Mosquitto saves its persistence file), then the same config again.
+    /// SIGTERM (Mosquitto saves its persistence file), then the same config again, on
+    /// the same ports: started again while another process holds one of them, for
+    /// [`BIND_ATTEMPTS`] at most.
     fn restart(&mut self, while_down: impl FnOnce()) {
         signal(self.child.id(), "TERM");
         let status = self.child.wait().unwrap();
         assert!(status.success(), "mosquitto stopped with {status}");
         while_down();
-        let mark = self.log.mark();
-        self.child = Self::spawn(&self.conf, &self.log);
-        self.log.wait_line(mark, "mosquitto", "running");
+        for attempt in 1..=BIND_ATTEMPTS {
+            let mark = self.log.mark();
+            let (mut child, stderr) = Self::spawn(&self.conf, &self.log);
+            let ready = || self.log.has_line(mark, "mosquitto", "running");
+            match wait_started(&mut child, "mosquitto", &self.log, mark, stderr, ready) {
+                Started::Ready => {
+                    self.child = child;
+                    return;
+                }
+                // Someone holds the port for now; it is ours again once they let go.
+                Started::AddrInUse => {
+                    std::thread::sleep(Duration::from_millis(200 * attempt as u64))
+                }
+            }
+        }
+        self.log.dump(50);
+        panic!("mosquitto could not bind its ports again in {BIND_ATTEMPTS} attempts");
     }
 
     /// SIGHUP: re-reads the password file and ACL.
@@ -290,12 +420,17 @@ pub struct Fleet {
     pub token: String,
     pub admin: ApiClient,
     pub broker_port: u16,
+    /// The devices' TLS listener: the embedded broker's `--mqtts`, or Mosquitto's second
+    /// listener.
+    pub mqtts_port: Option<u16>,
     /// The server's broker password (user `outpost-server`, which may use every topic);
     /// the embedded broker has no such login for other clients.
     pub server_password: Option<String>,
     pub broker: BrokerProc,
     pub log: Log,
     server: Child,
+    ports: Ports,
+    ports_file: PathBuf,
     /// `outpost-server serve` arguments after the first start (no `--import-repo`).
     restart_args: Vec<OsString>,
 }
@@ -308,11 +443,13 @@ impl Fleet {
     }
 
     /// [`Fleet::start`] with more `serve` arguments (e.g. the embedded broker's TLS
-    /// listener) and, for Mosquitto, lines appended to its config (a TLS listener).
+    /// listener, `--mqtts 127.0.0.1:0`: its port is [`Fleet::mqtts_port`]) and, for
+    /// Mosquitto, the options of a second listener (`cafile`, `certfile`, `keyfile`
+    /// lines; the harness gives it a port, [`Fleet::mqtts_port`]).
     pub fn start_with(
         kind: Broker,
         serve_args: &[OsString],
-        mosquitto_extra: &str,
+        mosquitto_tls: &str,
     ) -> (Fleet, Target) {
         let bins = Bins::locate();
         let dir = tempfile::tempdir().unwrap();
@@ -325,54 +462,84 @@ impl Fleet {
         );
         let v1 = sign(&bins, &repo, "cnn_a.onnx", "1.0", &[]);
         let data = dir.path().join("data");
-        let broker_port = free_port();
-        let http = format!("127.0.0.1:{}", free_port());
-        let mut args: Vec<OsString> = vec![
-            "serve".into(),
-            "--data".into(),
-            data.clone().into(),
-            "--http".into(),
-            http.into(),
-        ];
+        let ports_file = dir.path().join("server-ports.json");
+        let mut base: Vec<OsString> = vec!["serve".into(), "--data".into(), data.clone().into()];
         let mut server_password = None;
         let passwd = dir.path().join("mosquitto.passwd");
-        match kind {
-            Broker::Mosquitto => {
-                let pw = format!("server-{}", std::process::id());
-                let pw_file = dir.path().join("server.pw");
-                std::fs::write(&pw_file, &pw).unwrap();
-                server_password = Some(pw);
-                args.extend([
-                    "--broker".into(),
-                    format!("mqtt://127.0.0.1:{broker_port}").into(),
-                    "--broker-password-file".into(),
-                    pw_file.into(),
-                    "--mosquitto-passwd-file".into(),
-                    passwd.clone().into(),
-                ]);
+        let mut broker = BrokerProc::Embedded;
+        if kind == Broker::Mosquitto {
+            let pw = format!("server-{}", std::process::id());
+            let pw_file = dir.path().join("server.pw");
+            std::fs::write(&pw_file, &pw).unwrap();
+            // Mosquitto starts first (it may need several ports before one binds) and
+            // needs the server's login; the server rewrites the file at its start.
+            let hash = outpost_server::server::auth::mosquitto_hash(&pw);
+            std::fs::write(&passwd, format!("outpost-server:{hash}\n")).unwrap();
+            server_password = Some(pw);
+            let m = Mosquitto::start(dir.path(), &passwd, mosquitto_tls, &log);
+            base.extend([
+                "--broker".into(),
+                format!("mqtt://127.0.0.1:{}", m.port).into(),
+                "--broker-password-file".into(),
+                pw_file.into(),
+                "--mosquitto-passwd-file".into(),
+                passwd.clone().into(),
+            ]);
+            broker = BrokerProc::Mosquitto(m);
+        }
+        let mut started = None;
+        for _ in 0..BIND_ATTEMPTS {
+            // Fixed ports, not port 0: a restart must find them again.
+            let http = pick_port();
+            let mut args = base.clone();
+            args.extend(["--http".into(), format!("127.0.0.1:{http}").into()]);
+            if kind == Broker::Embedded {
+                let mqtt = loop {
+                    let p = pick_port();
+                    if p != http {
+                        break p;
+                    }
+                };
+                args.extend(["--mqtt".into(), format!("127.0.0.1:{mqtt}").into()]);
             }
-            Broker::Embedded => {
-                args.extend(["--mqtt".into(), format!("127.0.0.1:{broker_port}").into()]);
+            args.extend(serve_args.iter().cloned());
+            let mut first = args.clone();
+            first.extend(["--import-repo".into(), repo.clone().into()]);
+            match spawn_server(&bins, &first, &ports_file, &log) {
+                Some((server, ports)) => {
+                    started = Some((server, ports, args));
+                    break;
+                }
+                // The import ran before the bind failed: import again from scratch.
+                None => std::fs::remove_dir_all(&data).unwrap(),
             }
         }
-        args.extend(serve_args.iter().cloned());
-        let restart_args = args.clone();
-        args.extend(["--import-repo".into(), repo.clone().into()]);
-        let (server, url) = spawn_server(&bins, &args, &log);
+        let Some((server, ports, mut restart_args)) = started else {
+            log.dump(50);
+            panic!("outpost-server could not bind its ports in {BIND_ATTEMPTS} attempts");
+        };
+        // A TLS listener asked for on port 0 comes back on the port it got.
+        if let (Some(i), Some(tls)) = (
+            restart_args.iter().position(|a| a == "--mqtts"),
+            ports.mqtts,
+        ) {
+            restart_args[i + 1] = tls.to_string().into();
+        }
+        let url = format!("http://{}", ports.http);
         let token = std::fs::read_to_string(data.join("admin.token"))
             .unwrap()
             .trim()
             .to_owned();
         let admin = ApiClient::new(&url, &token);
-        let broker = match kind {
-            Broker::Mosquitto => BrokerProc::Mosquitto(Mosquitto::start(
-                dir.path(),
-                broker_port,
-                &passwd,
-                mosquitto_extra,
-                &log,
-            )),
-            Broker::Embedded => BrokerProc::Embedded,
+        let (broker_port, mqtts_port) = match &broker {
+            BrokerProc::Mosquitto(m) => (m.port, m.tls_port),
+            BrokerProc::Embedded => (
+                ports
+                    .mqtt
+                    .expect("serve reports its --mqtt listener")
+                    .port(),
+                ports.mqtts.map(|a| a.port()),
+            ),
         };
         let fleet = Fleet {
             bins,
@@ -383,10 +550,13 @@ impl Fleet {
             token,
             admin,
             broker_port,
+            mqtts_port,
             server_password,
             broker,
             log,
             server,
+            ports,
+            ports_file,
             restart_args,
         };
         fleet.wait_broker_connected();
@@ -411,12 +581,27 @@ impl Fleet {
                 let status = self.server.wait().unwrap();
                 assert!(status.success(), "outpost-server stopped with {status}");
                 while_down();
-                let (server, url) = spawn_server(&self.bins, &self.restart_args, &self.log);
-                assert_eq!(url, self.url, "the server came back on another address");
-                self.server = server;
+                self.server = self.respawn_server();
             }
         }
         self.wait_broker_connected();
+    }
+
+    /// `serve` again on its data directory and ports; started again while another
+    /// process holds one of them, for [`BIND_ATTEMPTS`] at most.
+    fn respawn_server(&self) -> Child {
+        for attempt in 1..=BIND_ATTEMPTS {
+            match spawn_server(&self.bins, &self.restart_args, &self.ports_file, &self.log) {
+                Some((server, ports)) => {
+                    assert_eq!(ports, self.ports, "the server came back on other ports");
+                    return server;
+                }
+                // Someone holds a port for now; it is ours again once they let go.
+                None => std::thread::sleep(Duration::from_millis(200 * attempt as u64)),
+            }
+        }
+        self.log.dump(50);
+        panic!("outpost-server could not bind its ports again in {BIND_ATTEMPTS} attempts");
     }
 
     /// Makes the broker read device credentials again (the embedded broker reads the
@@ -609,28 +794,57 @@ impl Drop for Fleet {
     }
 }
 
-/// Starts `outpost-server` and reads its HTTP address from the first stdout line.
-fn spawn_server(bins: &Bins, args: &[OsString], log: &Log) -> (Child, String) {
+/// The listeners `outpost-server serve --ports-file` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ports {
+    http: SocketAddr,
+    mqtt: Option<SocketAddr>,
+    mqtts: Option<SocketAddr>,
+}
+
+impl Ports {
+    /// The file, once the server wrote it (whole: it renames it into place).
+    fn read(path: &Path) -> Option<Ports> {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        let addr = |k: &str| v[k].as_str().map(|a| a.parse().expect("a socket address"));
+        Some(Ports {
+            http: addr("http")?,
+            mqtt: addr("mqtt"),
+            mqtts: addr("mqtts"),
+        })
+    }
+}
+
+/// Starts `outpost-server` with `--ports-file` and waits for the file; `None` when it
+/// exited because a port was taken.
+fn spawn_server(
+    bins: &Bins,
+    args: &[OsString],
+    ports_file: &Path,
+    log: &Log,
+) -> Option<(Child, Ports)> {
+    let _ = std::fs::remove_file(ports_file);
     let mut server = Command::new(&bins.server)
         .args(args)
+        .arg("--ports-file")
+        .arg(ports_file)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("outpost-server runs");
-    log.follow("server", server.stderr.take().unwrap());
-    let mut stdout = std::io::BufReader::new(server.stdout.take().unwrap());
-    let mut first = String::new();
-    let _ = stdout.read_line(&mut first);
-    let Some(url) = first.trim().strip_prefix("outpost-server: ") else {
-        let _ = server.kill();
-        let _ = server.wait();
-        log.dump(50);
-        panic!("outpost-server serve did not print its address: {first:?}");
+    let mark = log.mark();
+    let stderr = log.follow("server", server.stderr.take().unwrap());
+    log.follow("server", server.stdout.take().unwrap());
+    let mut ports = None;
+    let ready = || {
+        ports = Ports::read(ports_file);
+        ports.is_some()
     };
-    let url = url.to_owned();
-    log.follow("server", stdout);
-    (server, url)
+    match wait_started(&mut server, "server", log, mark, stderr, ready) {
+        Started::Ready => Some((server, ports.expect("read when ready"))),
+        Started::AddrInUse => None,
+    }
 }
 
 fn ctl_ok(bins: &Bins, args: &[&str], server: Option<(&str, &str)>) -> String {

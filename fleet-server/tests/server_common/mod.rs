@@ -1,5 +1,6 @@
 //! Shared pieces of the server tests: an operator repository, an in-process server, a
-//! Mosquitto started from the shipped config on a free port, and MQTT device clients.
+//! Mosquitto started from the shipped config on a port it could bind, and MQTT device
+//! clients.
 #![allow(dead_code)]
 
 use std::io::BufRead as _;
@@ -63,12 +64,38 @@ pub fn sign_fixture(repo: &Repo, file: &str, model: &str, version: &str) -> Vec<
     bytes
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// How many times Mosquitto is started on a newly drawn port when it cannot bind one.
+pub const BIND_ATTEMPTS: usize = 8;
+
+/// A port for Mosquitto, which cannot report a port-0 bind: drawn at random below the
+/// kernel's ephemeral range (`ip_local_port_range`), where neither a port-0 bind nor an
+/// outgoing connection lands, so only another explicit bind can take it before
+/// Mosquitto's; [`Mosquitto::start`] draws again when Mosquitto cannot bind it.
+pub fn pick_port() -> u16 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = if low > 12_000 {
+        (10_000, low)
+    } else {
+        (1024, u16::MAX)
+    };
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        let port = from + (h.finish() % u64::from(to - from)) as u16;
+        // Only a filter: Mosquitto's own bind is what checks.
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A server in its own runtime, with the operator repository it was imported from.
@@ -80,28 +107,37 @@ pub struct Fixture {
     pub url: String,
     pub admin: ApiClient,
     pub passwd: PathBuf,
+    /// Mosquitto's port (0 without a broker).
     pub broker_port: u16,
+    broker: Option<Mosquitto>,
 }
 
 impl Fixture {
-    /// Starts a server importing a fresh operator repository. With `broker`, the server
-    /// connects to a broker on a reserved port (start it with [`Mosquitto::start`]).
+    /// Starts a server importing a fresh operator repository. With `broker`, Mosquitto
+    /// runs first (on whichever port it could bind) and the server connects to it;
+    /// [`Fixture::mosquitto`] makes it read the devices added since.
     pub fn start(broker: bool) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let repo = operator_repo(&dir.path().join("operator"));
         let passwd = dir.path().join("mosquitto.passwd");
-        let broker_port = free_port();
-        let link = if broker {
-            BrokerLink::External(BrokerClient {
+        let (link, broker) = if broker {
+            // The server's login, before Mosquitto reads the file; the server rewrites
+            // the file (same password) at its start.
+            let hash = outpost_server::server::auth::mosquitto_hash("server-secret");
+            std::fs::write(&passwd, format!("outpost-server:{hash}\n")).unwrap();
+            let m = Mosquitto::start(dir.path(), &passwd);
+            let link = BrokerLink::External(BrokerClient {
                 host: "127.0.0.1".into(),
-                port: broker_port,
+                port: m.port,
                 username: "outpost-server".into(),
                 password: "server-secret".into(),
                 client_id: "outpost-server".into(),
-            })
+            });
+            (link, Some(m))
         } else {
-            BrokerLink::None
+            (BrokerLink::None, None)
         };
+        let broker_port = broker.as_ref().map_or(0, |m| m.port);
         let cfg = ServeConfig {
             data_dir: dir.path().join("data"),
             import_repo: Some(repo.dir().to_owned()),
@@ -128,6 +164,7 @@ impl Fixture {
             admin,
             passwd,
             broker_port,
+            broker,
         }
     }
 
@@ -158,9 +195,11 @@ impl Fixture {
         r["password"].as_str().unwrap().to_owned()
     }
 
-    /// Starts Mosquitto from the shipped config on the reserved port.
-    pub fn mosquitto(&self) -> Mosquitto {
-        let m = Mosquitto::start(self.dir.path(), self.broker_port, &self.passwd);
+    /// Mosquitto, once it re-read the password file (the devices added so far) and the
+    /// server is connected to it.
+    pub fn mosquitto(&self) -> &Mosquitto {
+        let m = self.broker.as_ref().expect("Fixture::start(true)");
+        m.reload();
         let link = self.server.mqtt.as_ref().unwrap();
         assert!(
             self.rt.block_on(link.wait_connected(WAIT)),
@@ -179,7 +218,66 @@ pub struct Mosquitto {
 }
 
 impl Mosquitto {
-    pub fn start(dir: &Path, port: u16, passwd: &Path) -> Mosquitto {
+    /// Starts Mosquitto from the shipped config on newly drawn ports ([`pick_port`])
+    /// until it binds one, [`BIND_ATTEMPTS`] at most.
+    pub fn start(dir: &Path, passwd: &Path) -> Mosquitto {
+        Self::start_from(dir, passwd, std::iter::repeat_with(pick_port))
+    }
+
+    /// [`Mosquitto::start`] on the first of `ports` it can bind.
+    pub fn start_from(
+        dir: &Path,
+        passwd: &Path,
+        ports: impl IntoIterator<Item = u16>,
+    ) -> Mosquitto {
+        for port in ports.into_iter().take(BIND_ATTEMPTS) {
+            let path = Self::write_conf(dir, port, passwd);
+            let mut child = Command::new("/usr/sbin/mosquitto")
+                .arg("-c")
+                .arg(&path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stderr = child.stderr.take().unwrap();
+            let (tx, log) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            // Until it runs, or its stderr ends: it exited.
+            let mut seen = Vec::new();
+            let deadline = std::time::Instant::now() + WAIT;
+            let running = loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match log.recv_timeout(left) {
+                    Ok(l) if l.contains("running") => break true,
+                    Ok(l) => seen.push(l),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break false,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let _ = child.kill();
+                        panic!("mosquitto did not start: {seen:#?}");
+                    }
+                }
+            };
+            if running {
+                return Mosquitto { child, port, log };
+            }
+            let status = child.wait().unwrap();
+            assert!(
+                seen.iter().any(|l| l.contains("Address already in use")),
+                "mosquitto exited with {status}: {seen:#?}"
+            );
+        }
+        panic!("mosquitto could not bind a port in {BIND_ATTEMPTS} attempts");
+    }
+
+    fn write_conf(dir: &Path, port: u16, passwd: &Path) -> PathBuf {
         let conf = std::fs::read_to_string(shipped("outpost.conf")).unwrap();
         let persist = dir.join("mosquitto-db");
         std::fs::create_dir_all(&persist).unwrap();
@@ -212,27 +310,7 @@ impl Mosquitto {
         ));
         let path = dir.join("mosquitto.conf");
         std::fs::write(&path, out).unwrap();
-        let mut child = Command::new("/usr/sbin/mosquitto")
-            .arg("-c")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let m = Mosquitto { child, port, log };
-        m.wait_log("running");
-        m
+        path
     }
 
     /// Waits for a log line containing `needle`.
