@@ -802,3 +802,61 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_lines_show_the_reported_state_and_progress() {
+        let d = serde_json::json!({
+            "id": "pi-7", "assignment_counter": 3, "telemetry_acked": 12, "last_seen": 100,
+            "slots": {"digits": "digits/1.1/b.onnx"},
+            "status": {
+                "agent_version": "0.1.0",
+                "models": {"digits": {"active": "digits/1.0/a.onnx", "version": "1.0"}},
+                "update": {"slot": "digits", "target": "digits/1.1/b.onnx", "state": "fetching",
+                           "bytes_done": 4096, "bytes_total": 9846, "artifact": "delta"},
+                "last_error": {"kind": "hash", "message": "artifact x hashed to y"}
+            }
+        });
+        assert_eq!(
+            device_lines(&d),
+            "pi-7\tagent 0.1.0\tcounter 3\tacked 12\tlast seen 100\tassigned digits=digits/1.1/b.onnx\n\
+             \x20 active digits=digits/1.0/a.onnx (1.0)\n\
+             \x20 update digits/1.1/b.onnx fetching (delta 4096/9846 bytes)\n\
+             \x20 last error hash: artifact x hashed to y\n"
+        );
+        let new = serde_json::json!({"id": "pi-8", "assignment_counter": 0, "slots": {}});
+        assert!(device_lines(&new).ends_with("\n  no status reported yet\n"));
+    }
+
+    #[test]
+    fn release_lines_name_delta_bases_by_version() {
+        let r = serde_json::json!([
+            {"model": "digits", "version": "1.0", "sequence": 1, "length": 100,
+             "path": "digits/1.0/a.onnx", "sha256": "aa",
+             "artifacts": [{"id": "aa", "kind": "full", "length": 100}]},
+            {"model": "digits", "version": "1.1", "sequence": 2, "length": 100,
+             "path": "digits/1.1/b.onnx", "sha256": "bb",
+             "artifacts": [
+                {"id": "cc", "kind": "delta", "base": "aa", "codec": "Tensor", "length": 40},
+                {"id": "dd", "kind": "delta", "base": "0123456789abcdef", "codec": "ZstdRef", "length": 60},
+                {"id": "bb", "kind": "full", "length": 100}]}
+        ]);
+        let out = release_lines(&r);
+        assert!(
+            out.contains("digits\t1.1\tseq 2\t100 bytes\tdigits/1.1/b.onnx\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("  delta from 1.0 (Tensor)\t40 bytes\n"),
+            "{out}"
+        );
+        // A base no longer listed is named by its hash.
+        assert!(
+            out.contains("  delta from 0123456789ab… (ZstdRef)\t60 bytes\n"),
+            "{out}"
+        );
+    }
+}
