@@ -78,10 +78,108 @@ fn log_file(logs: &Path, name: &str) -> anyhow::Result<File> {
     File::create(&p).with_context(|| format!("creating {}", p.display()))
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// How many times Mosquitto is started on a newly drawn port when it cannot bind one.
+const BIND_ATTEMPTS: usize = 8;
+
+/// A port for Mosquitto, which cannot report a port-0 bind: drawn at random below the
+/// kernel's ephemeral range (`ip_local_port_range`), where neither a port-0 bind nor an
+/// outgoing connection lands; [`start_mosquitto`] draws again when Mosquitto cannot
+/// bind it (another service holds it).
+fn pick_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = if low > 12_000 {
+        (10_000, low)
+    } else {
+        (1024, u16::MAX)
+    };
+    loop {
+        let mut r = [0u8; 2];
+        crate::keys::random_bytes(&mut r);
+        let port = from + u16::from_le_bytes(r) % (to - from);
+        // Only a filter: Mosquitto's own bind is what checks.
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Mosquitto from the shipped `outpost.conf` (its DEPLOY lines replaced), on newly drawn
+/// ports until one binds ([`BIND_ATTEMPTS`]); returns it running, and its port.
+fn start_mosquitto(
+    shipped: &Path,
+    work: &Path,
+    passwd: &Path,
+    logs: &Path,
+    timeout: Duration,
+) -> anyhow::Result<(Proc, u16)> {
+    let conf = std::fs::read_to_string(shipped.join("outpost.conf"))
+        .context("reading the shipped outpost.conf")?;
+    let persist = work.join("mosquitto-db");
+    std::fs::create_dir_all(&persist)?;
+    let log_path = logs.join("mosquitto.log");
+    for _ in 0..BIND_ATTEMPTS {
+        let port = pick_port();
+        let mut out = String::new();
+        for line in conf.lines() {
+            let l = if line.starts_with("listener ") {
+                format!("listener {port} 127.0.0.1")
+            } else if line.starts_with("password_file ") {
+                format!("password_file {}", passwd.display())
+            } else if line.starts_with("acl_file ") {
+                format!("acl_file {}", shipped.join("outpost.acl").display())
+            } else if line.starts_with("persistence_location ") {
+                format!("persistence_location {}/", persist.display())
+            } else {
+                line.to_owned()
+            };
+            out.push_str(&l);
+            out.push('\n');
+        }
+        out.push_str("log_dest stderr\n");
+        // Started as root, Mosquitto would switch to the `mosquitto` user and could not
+        // re-read the password file the server writes (mode 0640) on SIGHUP.
+        if let Ok(o) = Command::new("id").arg("-un").output()
+            && o.status.success()
+        {
+            out.push_str(&format!(
+                "user {}\n",
+                String::from_utf8_lossy(&o.stdout).trim()
+            ));
+        }
+        let conf_path = work.join("mosquitto.conf");
+        std::fs::write(&conf_path, out)?;
+        let child = Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(logs, "mosquitto")?)
+            .spawn()
+            .context("starting /usr/sbin/mosquitto")?;
+        let mut proc = Proc {
+            name: "mosquitto".into(),
+            child: Some(child),
+        };
+        let exited = wait_for("mosquitto to start", timeout, || {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if log.contains(" running") {
+                return Ok(Some(false));
+            }
+            let child = proc.child.as_mut().context("mosquitto")?;
+            Ok(child.try_wait()?.map(|_| true))
+        })?;
+        if !exited {
+            return Ok((proc, port));
+        }
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if !log.contains("Address already in use") {
+            bail!("mosquitto exited at start; see {}", log_path.display());
+        }
+    }
+    bail!("mosquitto could not bind a port in {BIND_ATTEMPTS} attempts")
 }
 
 /// Polls `f` every [`POLL`] until it returns `Some`, for at most `timeout`.
@@ -112,11 +210,10 @@ struct Server {
     mosquitto: Option<Mosquitto>,
 }
 
-/// What starting Mosquitto needs once the devices exist.
+/// Mosquitto, started before the server (with only the server's login in its
+/// password file); reloaded once the devices exist.
 struct Mosquitto {
-    shipped: PathBuf,
-    port: u16,
-    passwd: PathBuf,
+    log: PathBuf,
 }
 
 fn start_server(
@@ -125,6 +222,7 @@ fn start_server(
     repo: &Path,
     broker: &DemoBroker,
     logs: &Path,
+    timeout: Duration,
 ) -> anyhow::Result<Server> {
     let data = work.join("server");
     let mut cmd = Command::new(&bins.server);
@@ -137,14 +235,20 @@ fn start_server(
         .stdout(Stdio::piped())
         .stderr(log_file(logs, "server")?);
     let mut mosquitto = None;
+    let mut broker_proc = None;
     let mut mqtt_url = String::new();
     if let DemoBroker::Mosquitto(shipped) = broker {
-        let port = free_port()?;
         let pw = work.join("server-broker.pw");
         let mut secret = [0u8; 16];
         crate::keys::random_bytes(&mut secret);
-        std::fs::write(&pw, hex::encode(secret))?;
+        let secret = hex::encode(secret);
+        std::fs::write(&pw, &secret)?;
+        // The server rewrites this file at its start (same password for its login).
         let passwd = work.join("mosquitto.passwd");
+        let hash = crate::server::auth::mosquitto_hash(&secret);
+        std::fs::write(&passwd, format!("outpost-server:{hash}\n"))?;
+        let (proc, port) = start_mosquitto(shipped, work, &passwd, logs, timeout)?;
+        broker_proc = Some(proc);
         cmd.arg("--broker")
             .arg(format!("mqtt://127.0.0.1:{port}"))
             .arg("--broker-password-file")
@@ -153,9 +257,7 @@ fn start_server(
             .arg(&passwd);
         mqtt_url = format!("mqtt://127.0.0.1:{port}");
         mosquitto = Some(Mosquitto {
-            shipped: shipped.clone(),
-            port,
-            passwd,
+            log: logs.join("mosquitto.log"),
         });
     }
     let mut child = cmd
@@ -202,51 +304,34 @@ fn start_server(
         url,
         mqtt_url,
         api,
-        _broker: None,
+        _broker: broker_proc,
         mosquitto,
     })
 }
 
 impl Server {
-    /// Starts Mosquitto (if that is the broker) now that the password file lists every
+    /// Reloads Mosquitto (if that is the broker) now that the password file lists every
     /// device, and waits until the server's MQTT link is up.
-    fn broker_up(&mut self, work: &Path, logs: &Path, timeout: Duration) -> anyhow::Result<()> {
-        if let Some(m) = self.mosquitto.take() {
-            let conf = std::fs::read_to_string(m.shipped.join("outpost.conf"))
-                .context("reading the shipped outpost.conf")?;
-            let persist = work.join("mosquitto-db");
-            std::fs::create_dir_all(&persist)?;
-            let mut out = String::new();
-            for line in conf.lines() {
-                let l = if line.starts_with("listener ") {
-                    format!("listener {} 127.0.0.1", m.port)
-                } else if line.starts_with("password_file ") {
-                    format!("password_file {}", m.passwd.display())
-                } else if line.starts_with("acl_file ") {
-                    format!("acl_file {}", m.shipped.join("outpost.acl").display())
-                } else if line.starts_with("persistence_location ") {
-                    format!("persistence_location {}/", persist.display())
-                } else {
-                    line.to_owned()
-                };
-                out.push_str(&l);
-                out.push('\n');
+    fn broker_up(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        if let (Some(m), Some(proc)) = (&self.mosquitto, &self._broker) {
+            let child = proc.child.as_ref().context("mosquitto stopped")?;
+            let reloads = |log: &Path| {
+                std::fs::read_to_string(log)
+                    .unwrap_or_default()
+                    .matches("Reloading config")
+                    .count()
+            };
+            let before = reloads(&m.log);
+            let hup = Command::new("kill")
+                .arg("-HUP")
+                .arg(child.id().to_string())
+                .status()?;
+            if !hup.success() {
+                bail!("kill -HUP mosquitto failed");
             }
-            out.push_str("log_dest stderr\n");
-            let conf_path = work.join("mosquitto.conf");
-            std::fs::write(&conf_path, out)?;
-            let child = Command::new("/usr/sbin/mosquitto")
-                .arg("-c")
-                .arg(&conf_path)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log_file(logs, "mosquitto")?)
-                .spawn()
-                .context("starting /usr/sbin/mosquitto")?;
-            self._broker = Some(Proc {
-                name: "mosquitto".into(),
-                child: Some(child),
-            });
+            wait_for("mosquitto to reload its password file", timeout, || {
+                Ok((reloads(&m.log) > before).then_some(()))
+            })?;
         }
         wait_for("the server's MQTT link", timeout, || {
             let h = self.api.get("/api/v1/health")?;
@@ -593,7 +678,7 @@ pub(super) fn run_fleet(
         },
         now(),
     )?;
-    let mut server = start_server(bins, work, &repo_dir, &opts.broker, &logs)?;
+    let mut server = start_server(bins, work, &repo_dir, &opts.broker, &logs, opts.timeout)?;
     println!(
         "  outpost-server serve: {} and {} (logs in {})",
         server.url,
@@ -605,7 +690,7 @@ pub(super) fn run_fleet(
         .iter()
         .map(|id| add_device(&server, work, id))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    server.broker_up(work, &logs, opts.timeout)?;
+    server.broker_up(opts.timeout)?;
     for d in &mut devices {
         d.start(bins, fx, opts.rate, &logs)?;
     }
