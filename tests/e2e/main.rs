@@ -17,6 +17,7 @@ mod fleet_metadata;
 mod fleet_oversize;
 mod fleet_refusals;
 mod fleet_renewal;
+mod fleet_revoke;
 mod fleet_root;
 mod fleet_telemetry;
 mod fleet_tls;
