@@ -39,6 +39,14 @@ fn delta(id: &str, base: &str) -> Artifact {
     }
 }
 
+fn full_zstd(id: &str, length: u64) -> Artifact {
+    Artifact {
+        id: id.into(),
+        length,
+        kind: ArtifactKind::FullZstd,
+    }
+}
+
 fn counter() -> CounterState {
     CounterState {
         counter: 2,
@@ -226,6 +234,56 @@ fn delta_reproducing_wrong_hash_falls_back_to_full_model() {
     assert!(actions.contains(&Action::DiscardPartial {
         artifact: DELTA.into()
     }));
+}
+
+const ZSTD: &str = "00000000000000000000000000000000000000000000000000000000000000f1";
+
+#[test]
+fn compressed_full_model_that_does_not_decode_falls_back_to_raw_full_model() {
+    let mut m = Machine::default();
+    let other = "00000000000000000000000000000000000000000000000000000000000000b9";
+    let offered = || listed(vec![delta(DELTA, other), full_zstd(ZSTD, 900), full(NEW)]);
+    let actions = chain(
+        &mut m,
+        &[
+            (Event::AssignmentReceived, "verifying"),
+            // The delta's base is not held: the compressed full model is the smallest
+            // usable artifact.
+            (verified(vec![job("digits", NEW)]), "listing"),
+            (offered(), "fetching"),
+            (Event::Fetched, "reconstructing"),
+            // A bomb, or a frame decoding to other bytes than the signed ones.
+            (
+                Event::ReconstructFailed(fail(FailureKind::Delta)),
+                "listing",
+            ),
+            (offered(), "fetching"),
+            (Event::Fetched, "reconstructing"),
+            (Event::Reconstructed, "installing"),
+        ],
+    );
+    assert_eq!(
+        fetched_kinds(&actions),
+        vec![ZSTD.to_string(), NEW.to_string()]
+    );
+    assert_eq!(reports(&actions), vec![FailureKind::Delta]);
+    assert!(actions.contains(&Action::DiscardPartial {
+        artifact: ZSTD.into()
+    }));
+}
+
+#[test]
+fn ignores_compressed_full_model_no_smaller_than_the_signed_length() {
+    let mut m = Machine::default();
+    let actions = chain(
+        &mut m,
+        &[
+            (Event::AssignmentReceived, "verifying"),
+            (verified(vec![job("digits", NEW)]), "listing"),
+            (listed(vec![full_zstd(ZSTD, 1000), full(NEW)]), "fetching"),
+        ],
+    );
+    assert_eq!(fetched_kinds(&actions), vec![NEW.to_string()]);
 }
 
 #[test]

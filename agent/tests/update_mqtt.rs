@@ -470,6 +470,7 @@ fn answer(
             s.chunks += 1;
             let k = match kind {
                 ArtifactKind::Full => "full",
+                ArtifactKind::FullZstd => "full_zstd",
                 _ => "delta",
             };
             *s.chunk_bytes.entry(k.into()).or_default() += body.len() as u64;
@@ -757,6 +758,66 @@ async fn installs_full_model_then_update_by_delta() {
     );
     drop(served);
     assert!(agent.sigterm().success(), "clean exit on SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_install_travels_as_compressed_full_model() {
+    let w = world(4).await;
+    let frame = delta::compress_full(&w.base).unwrap();
+    assert!(frame.len() < w.base.len());
+    let frame_len = frame.len() as u64;
+    w.server
+        .catalog
+        .add_artifact(&sha(&w.base), frame, ArtifactKind::FullZstd);
+    let _agent = AgentProc::start(&w.bundle, 4096);
+    w.server
+        .assign(assignment(&w, "models/cnn_a.onnx", 1))
+        .await;
+    let s = w
+        .server
+        .wait_status("first install", committed(w.slot, sha(&w.base)))
+        .await;
+    assert_eq!(s.bytes_received.get("full_zstd"), Some(&frame_len));
+    assert_eq!(s.bytes_received.get("full"), None);
+    assert!(s.last_error.is_none(), "{:?}", s.last_error);
+    let served = w.server.served.lock().unwrap();
+    assert_eq!(served.chunk_bytes.get("full_zstd"), Some(&frame_len));
+    assert_eq!(served.chunk_bytes.get("full"), None);
+    drop(served);
+    let stored = std::fs::read(w.bundle.join("data/blobs/sha256").join(sha(&w.base))).unwrap();
+    assert_eq!(stored, w.base);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_bomb_as_compressed_full_is_refused_and_the_raw_model_installed() {
+    let w = world(4).await;
+    // A few KiB the server lists as the compressed model, decoding to 16 MiB.
+    let bomb = delta::compress_full(&vec![0u8; 16 << 20]).unwrap();
+    assert!(bomb.len() < w.base.len());
+    w.server
+        .catalog
+        .add_artifact(&sha(&w.base), bomb.clone(), ArtifactKind::FullZstd);
+    let _agent = AgentProc::start(&w.bundle, 4096);
+    w.server
+        .assign(assignment(&w, "models/cnn_a.onnx", 1))
+        .await;
+    let s = w
+        .server
+        .wait_status("install after the bomb", committed(w.slot, sha(&w.base)))
+        .await;
+    let e = s
+        .last_error
+        .as_ref()
+        .expect("the refused artifact is reported");
+    assert_eq!(e.kind, "delta", "{e:?}");
+    assert!(e.message.contains("exceeds the limit"), "{e:?}");
+    assert_eq!(
+        s.bytes_received.get("full_zstd"),
+        Some(&(bomb.len() as u64))
+    );
+    assert_eq!(s.bytes_received.get("full"), Some(&(w.base.len() as u64)));
+    let stored = std::fs::read(w.bundle.join("data/blobs/sha256").join(sha(&w.base))).unwrap();
+    assert_eq!(stored, w.base);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -164,14 +164,15 @@ fn keeps_a_delta_only_when_it_is_smaller_than_the_full_model() {
     let target = sign_fixture(&f.repo, "cnn_a_ft.onnx", "digits", "1.1");
     let r = push_release(&f.admin, &f.repo, "digits", "1.1").unwrap();
     let arts = r["releases"][0]["artifacts"].as_array().unwrap();
-    assert_eq!(arts.len(), 2, "{arts:?}");
-    // Smallest first: the delta from 1.0.
+    assert_eq!(arts.len(), 3, "{arts:?}");
+    // Smallest first: the delta from 1.0, the compressed full model, the file.
     assert_eq!(arts[0]["kind"], "delta");
     assert_eq!(
         arts[0]["base"],
         outpost_server::server::artifacts::sha256_hex(&base).as_str()
     );
-    assert_eq!(arts[1]["kind"], "full");
+    assert_eq!(arts[1]["kind"], "full_zstd");
+    assert_eq!(arts[2]["kind"], "full");
     let delta_len = arts[0]["length"].as_u64().unwrap();
     assert!(
         delta_len < target.len() as u64,
@@ -197,7 +198,8 @@ fn keeps_a_delta_only_when_it_is_smaller_than_the_full_model() {
         target
     );
 
-    // Unrelated incompressible files: no delta beats the full file, none is kept.
+    // Unrelated incompressible files: no delta and no compression beats the full file;
+    // neither is kept.
     let mut noise = vec![0u8; 20_000];
     outpost_server::keys::random_bytes(&mut noise);
     sign_bytes(&f.repo, "noise.onnx", &noise, "noise", "1");
@@ -211,8 +213,9 @@ fn keeps_a_delta_only_when_it_is_smaller_than_the_full_model() {
 }
 
 /// For every (base, target) pair the server keeps the smallest output of any codec,
-/// measured here codec by codec, and only when it beats the full file; the artifact list
-/// is smallest first. Pairs: a full fine-tune, a head-only fine-tune, and a re-quantized
+/// measured here codec by codec, and only when it beats the full file; the compressed
+/// full model only when it is smaller than the file; the artifact list is smallest
+/// first. Pairs: a full fine-tune, a head-only fine-tune, and a re-quantized
 /// model with another graph (QDQ) whose deltas may lose to the full file.
 #[test]
 fn keeps_per_base_the_smallest_artifact_by_measurement() {
@@ -237,6 +240,17 @@ fn keeps_per_base_the_smallest_artifact_by_measurement() {
         let full: Vec<_> = arts.iter().filter(|a| a["kind"] == "full").collect();
         assert_eq!(full.len(), 1, "{version}: {arts:?}");
         assert_eq!(full[0]["length"].as_u64(), Some(target.len() as u64));
+        // The compressed full model, kept when zstd -19 makes it smaller, as measured.
+        let zstd_len = outpost_protocol::delta::compress_full(&target)
+            .unwrap()
+            .len() as u64;
+        let zstd: Vec<_> = arts.iter().filter(|a| a["kind"] == "full_zstd").collect();
+        if zstd_len < target.len() as u64 {
+            assert_eq!(zstd.len(), 1, "{version}: {arts:?}");
+            assert_eq!(zstd[0]["length"].as_u64(), Some(zstd_len), "{version}");
+        } else {
+            assert!(zstd.is_empty(), "{version}: {arts:?}");
+        }
 
         let bases = &held[held
             .len()

@@ -365,6 +365,7 @@ fn device_fetches_metadata_and_a_chunk_over_the_embedded_broker() {
             target: release["path"].as_str().unwrap().into(),
             sha256: release["sha256"].as_str().unwrap().into(),
             bases: vec![],
+            accept_full_zstd: false,
         },
     );
     assert_eq!(r.header.status, Status::Ok);

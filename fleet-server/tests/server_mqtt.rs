@@ -164,10 +164,12 @@ fn device_verifies_its_retained_assignment_and_fetches_the_delta_over_mqtt() {
 
     // Artifacts for the target given the base the device holds: the delta first.
     let sha = info.file.hashes["sha256"].clone();
+    // (An agent from before compressed-full: it does not say `accept_full_zstd`.)
     let r = remote.ask(RequestBody::Artifacts {
         target: slot.path.clone(),
         sha256: sha.clone(),
         bases: vec![sha256_hex(&base)],
+        accept_full_zstd: false,
     });
     assert_eq!(r.header.status, Status::Ok);
     let list: ArtifactList = serde_json::from_slice(&r.body).unwrap();
@@ -183,10 +185,47 @@ fn device_verifies_its_retained_assignment_and_fetches_the_delta_over_mqtt() {
         target: slot.path.clone(),
         sha256: sha.clone(),
         bases: vec![],
+        accept_full_zstd: false,
     });
     let full_only: ArtifactList = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(full_only.artifacts.len(), 1);
     assert_eq!(full_only.artifacts[0].kind, ArtifactKind::Full);
+
+    // A device that decodes compressed-full is offered it before the raw file, and
+    // after the delta, smallest first; it decodes to the signed target.
+    let r = remote.ask(RequestBody::Artifacts {
+        target: slot.path.clone(),
+        sha256: sha.clone(),
+        bases: vec![sha256_hex(&base)],
+        accept_full_zstd: true,
+    });
+    let all: ArtifactList = serde_json::from_slice(&r.body).unwrap();
+    let kinds: Vec<_> = all.artifacts.iter().map(|a| a.kind.clone()).collect();
+    assert_eq!(
+        kinds,
+        [
+            ArtifactKind::Delta {
+                base: sha256_hex(&base)
+            },
+            ArtifactKind::FullZstd,
+            ArtifactKind::Full
+        ]
+    );
+    assert!(all.artifacts.windows(2).all(|w| w[0].length < w[1].length));
+    let zstd = &all.artifacts[1];
+    let mut frame = Vec::new();
+    while (frame.len() as u64) < zstd.length {
+        let r = remote.ask(RequestBody::Chunk {
+            artifact: zstd.id.clone(),
+            offset: frame.len() as u64,
+            len: outpost_protocol::wire::CHUNK_LEN,
+        });
+        assert_eq!(r.header.total, Some(zstd.length));
+        frame.extend_from_slice(&r.body);
+    }
+    assert_eq!(sha256_hex(&frame), zstd.id);
+    let decoded = outpost_protocol::delta::decompress_full(&frame, info.file.length).unwrap();
+    info.verify_bytes(&decoded).unwrap();
 
     // Chunks, small ones to cross offsets; the reconstruction matches the signed target.
     let delta = &list.artifacts[0];
@@ -232,6 +271,7 @@ fn device_verifies_its_retained_assignment_and_fetches_the_delta_over_mqtt() {
             target: "digits/9/x.onnx".into(),
             sha256: sha.clone(),
             bases: vec![],
+            accept_full_zstd: true,
         },
         RequestBody::Metadata {
             role: "../keys/director".into(),

@@ -204,8 +204,8 @@ pub enum RequestBody {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         accept_zstd: bool,
     },
-    /// The artifacts that reconstruct a target: the full file and any deltas from
-    /// the bases the device has.
+    /// The artifacts that reconstruct a target: the full file, its zstd-compressed
+    /// form if the device accepts it, and any deltas from the bases the device has.
     Artifacts {
         /// Target path (as in targets metadata and the assignment).
         target: String,
@@ -214,6 +214,10 @@ pub enum RequestBody {
         /// sha256 (hex) of models the device holds and could use as delta bases.
         #[serde(default)]
         bases: Vec<String>,
+        /// The device decodes [`ArtifactKind::FullZstd`]. Absent (older agents) = the
+        /// server lists only full files and deltas.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        accept_full_zstd: bool,
     },
     /// A byte range of an artifact.
     Chunk {
@@ -419,6 +423,11 @@ pub enum ArtifactKind {
         /// sha256 (hex) of the base model.
         base: String,
     },
+    /// The target file as one zstd frame ([`crate::delta::compress_full`]; decode with
+    /// [`crate::delta::decompress_full`]). Offered only to devices whose
+    /// [`RequestBody::Artifacts`] says `accept_full_zstd`: older agents cannot decode
+    /// the kind and would refuse the whole list.
+    FullZstd,
 }
 
 /// One artifact the server offers for a target.
@@ -430,7 +439,7 @@ pub struct Artifact {
     pub id: String,
     /// Length in bytes.
     pub length: u64,
-    /// Full file or delta.
+    /// Full file, compressed full file or delta.
     #[serde(flatten)]
     pub kind: ArtifactKind,
 }
@@ -457,7 +466,7 @@ pub struct UpdateProgress {
     /// Length of that artifact.
     #[serde(default)]
     pub bytes_total: u64,
-    /// `full` or `delta`.
+    /// `full`, `full_zstd` or `delta`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact: Option<String>,
 }
@@ -515,7 +524,7 @@ pub struct StatusReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<FailureReport>,
     /// Bytes received per artifact kind since the agent's data dir was created
-    /// (`full`, `delta`, `metadata`).
+    /// (`full`, `full_zstd`, `delta`, `metadata`).
     #[serde(default)]
     pub bytes_received: BTreeMap<String, u64>,
 }
@@ -666,6 +675,68 @@ mod tests {
             "outpost/v1/d/dev-1/req/x",
             Access::Write
         ));
+    }
+
+    #[test]
+    fn artifacts_request_from_an_older_agent_does_not_accept_compressed_full() {
+        // What agents before compressed-full send: no `accept_full_zstd`.
+        let old = br#"{"id":3,"kind":"artifacts","target":"m/1.onnx","sha256":"ab","bases":[]}"#;
+        let r = Request::from_bytes(old).unwrap();
+        assert!(matches!(
+            r.body,
+            RequestBody::Artifacts {
+                accept_full_zstd: false,
+                ..
+            }
+        ));
+        // And a new agent's request that does not accept it reads the same to old servers.
+        let text = String::from_utf8(r.to_bytes()).unwrap();
+        assert!(!text.contains("accept_full_zstd"), "{text}");
+        let new = Request {
+            id: 4,
+            body: RequestBody::Artifacts {
+                target: "m/1.onnx".into(),
+                sha256: "ab".into(),
+                bases: vec!["cd".into()],
+                accept_full_zstd: true,
+            },
+        };
+        assert_eq!(Request::from_bytes(&new.to_bytes()).unwrap(), new);
+    }
+
+    #[test]
+    fn artifact_kinds_round_trip_on_the_wire() {
+        let list = ArtifactList {
+            artifacts: vec![
+                Artifact {
+                    id: "d1".into(),
+                    length: 10,
+                    kind: ArtifactKind::Delta { base: "b0".into() },
+                },
+                Artifact {
+                    id: "z1".into(),
+                    length: 90,
+                    kind: ArtifactKind::FullZstd,
+                },
+                Artifact {
+                    id: "f1".into(),
+                    length: 100,
+                    kind: ArtifactKind::Full,
+                },
+            ],
+        };
+        let text = serde_json::to_string(&list).unwrap();
+        assert!(text.contains(r#""kind":"full_zstd""#), "{text}");
+        assert_eq!(serde_json::from_str::<ArtifactList>(&text).unwrap(), list);
+        // The full and delta forms are unchanged, so older agents still read them.
+        assert!(
+            text.contains(r#"{"id":"f1","length":100,"kind":"full"}"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"{"id":"d1","length":10,"kind":"delta","base":"b0"}"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! README's first command, in-process with a short configuration: the fleet demo (server
-//! with its embedded broker, agents with simulated traffic, a rollout by full model and
-//! one by delta, telemetry from both versions) and the trust checks must pass.
+//! with its embedded broker, agents with simulated traffic, a rollout by the compressed
+//! full model and one by delta, telemetry from both versions) and the trust checks must
+//! pass.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -23,33 +23,34 @@ fn restart_mid_transfer_resumes(broker: Broker) {
     dev.start();
     let counter = f.assign(&v1, &["b1"])["b1"];
 
-    // A quarter of the full model in: restart the broker.
-    let quarter = v1.length / 4;
+    // A quarter of the (compressed) full model in: restart the broker.
+    let len = f.full_zstd_length(&v1);
+    let quarter = len / 4;
     wait_for("a quarter of the transfer", crate::support::WAIT, || {
         let s = dev.status().ok()?;
-        let got = s["bytes_received"]["full"].as_u64().unwrap_or(0);
+        let got = s["bytes_received"]["full_zstd"].as_u64().unwrap_or(0);
         (s["state"]["state"] == "fetching" && got >= quarter).then_some(())
     });
     let mut at_restart = 0;
     f.restart_broker(|| {
         let s = dev.status().unwrap();
-        at_restart = s["bytes_received"]["full"].as_u64().unwrap_or(0);
+        at_restart = s["bytes_received"]["full_zstd"].as_u64().unwrap_or(0);
         assert_eq!(
             s["state"]["state"], "fetching",
             "the transfer ended before the broker stopped: {s}"
         );
-        assert!(at_restart < v1.length, "{s}");
+        assert!(at_restart < len, "{s}");
     });
 
     let s = f.wait_converged("b1", &v1, counter);
-    let full = s["bytes_received"]["full"].as_u64().unwrap();
+    let full = s["bytes_received"]["full_zstd"].as_u64().unwrap();
     // Chunks are written once: at most the requests in flight at the restart again.
     assert!(
-        full <= v1.length + u64::from(window) * u64::from(dev.chunk_len),
-        "{full} bytes received for a {} byte model (restart at {at_restart})",
-        v1.length
+        full <= len + u64::from(window) * u64::from(dev.chunk_len),
+        "{full} bytes received for a {len} byte compressed model (restart at {at_restart})"
     );
-    assert!(full < 2 * v1.length);
+    assert!(full < 2 * len);
+    assert_eq!(s["bytes_received"]["full"].as_u64().unwrap_or(0), 0, "{s}");
     assert_eq!(s["models"][MODEL]["active_sha256"], v1.sha256.as_str());
     dev.stop();
     assert_eq!(dev.check_store(&[&v1]).as_deref(), Some(v1.sha256.as_str()));

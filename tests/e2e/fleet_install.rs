@@ -1,4 +1,5 @@
-//! A fleet of three agents installs release 1.0 by full model, then 1.1 by delta.
+//! A fleet of three agents installs release 1.0 by the zstd-compressed full model, then
+//! 1.1 by delta.
 
 use crate::support::{Broker, Fleet, MODEL};
 
@@ -21,12 +22,15 @@ fn installs_full_then_delta(broker: Broker) {
     }
 
     let counters = f.assign(&v1, &ids);
+    let v1_zstd = f.full_zstd_length(&v1);
     let mut after_full = Vec::new();
     for id in ids {
         let s = f.wait_converged(id, &v1, counters[id]);
         let got = &s["bytes_received"];
-        // Nothing to delta from: the whole signed file travelled, once.
-        assert_eq!(got["full"].as_u64(), Some(v1.length), "{id}: {s}");
+        // Nothing to delta from: the compressed full model travelled, once, and the
+        // raw file not at all.
+        assert_eq!(got["full_zstd"].as_u64(), Some(v1_zstd), "{id}: {s}");
+        assert_eq!(got["full"].as_u64().unwrap_or(0), 0, "{id}: {s}");
         assert_eq!(got["delta"].as_u64().unwrap_or(0), 0, "{id}: {s}");
         assert!(s["last_error"].is_null(), "{id}: {s}");
         after_full.push(got.clone());
@@ -41,11 +45,12 @@ fn installs_full_then_delta(broker: Broker) {
         let delta = got["delta"].as_u64().unwrap_or(0);
         assert!(delta > 0, "{id} did not install 1.1 by delta: {s}");
         assert!(
-            delta < v2.length && delta < before["full"].as_u64().unwrap(),
+            delta < v2.length && delta < f.full_zstd_length(&v2),
             "{id}: delta {delta} bytes is not smaller than the full model: {s}"
         );
         assert_eq!(
-            got["full"], before["full"],
+            (&got["full"], &got["full_zstd"]),
+            (&before["full"], &before["full_zstd"]),
             "{id} fetched a full model again"
         );
         assert_eq!(
@@ -63,7 +68,8 @@ fn installs_full_then_delta(broker: Broker) {
         models.contains(&format!(
             "{MODEL}\t1.1\tseq 2\t{} bytes\t{}",
             v2.length, v2.path
-        )) && models.contains("delta from 1.0"),
+        )) && models.contains("delta from 1.0")
+            && models.contains(&format!("  full (zstd)\t{v1_zstd} bytes\n")),
         "{models}"
     );
     let list = f.ctl(&["devices", "list"]);

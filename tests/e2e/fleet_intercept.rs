@@ -1,8 +1,8 @@
 //! Chunks altered in flight: whoever holds the broker's server login answers a device's
 //! chunk requests with altered bytes while the real server is stopped. The device
-//! refetches, drops the delta for the full model, then refuses the update with a typed
-//! `hash` reason that reaches the server; the old model keeps serving, and the same
-//! release installs once the answers are genuine again.
+//! refetches, drops the delta and the compressed full model for the raw one, then
+//! refuses the update with a typed `hash` reason that reaches the server; the old model
+//! keeps serving, and the same release installs once the answers are genuine again.
 //!
 //! Mosquitto only: on the embedded broker no client but the server itself may publish
 //! on a device's response topic (`fleet_acl`), so altering chunks in flight there means
@@ -32,6 +32,8 @@ fn chunks_altered_in_flight_are_refused_and_old_model_keeps_serving() {
     let v2 = f.sign("cnn_a_ft.onnx", "1.1");
     f.push(&v2);
     let offered = artifacts_of(&f, &v2);
+    // Asked now: the server's API does not answer while it is stopped below.
+    let v1_zstd = f.full_zstd_length(&v1);
     assert!(
         offered
             .iter()
@@ -99,10 +101,12 @@ fn chunks_altered_in_flight_are_refused_and_old_model_keeps_serving() {
         (s["state"]["state"] == "failed" && s["state"]["failure"]["kind"] == "hash").then_some(s)
     });
     assert!(paused && altered > 0, "nothing was intercepted: {failed}");
-    // Both the delta and the full model were fetched, and refused.
+    // The delta, the compressed full model and the raw one were fetched, and refused.
     let got = &failed["bytes_received"];
     assert!(
-        got["delta"].as_u64() > Some(0) && got["full"].as_u64() > Some(v1.length),
+        got["delta"].as_u64() > Some(0)
+            && got["full_zstd"].as_u64() > Some(v1_zstd)
+            && got["full"].as_u64() >= Some(v2.length),
         "{failed}"
     );
     signal(server, "CONT");
@@ -162,9 +166,10 @@ fn artifacts_of(f: &Fleet, t: &Target) -> Vec<Artifact> {
         .map(|a| Artifact {
             id: a["id"].as_str().unwrap().to_owned(),
             length: a["length"].as_u64().unwrap(),
-            kind: match a["base"].as_str() {
-                Some(b) => ArtifactKind::Delta { base: b.to_owned() },
-                None => ArtifactKind::Full,
+            kind: match (a["base"].as_str(), a["kind"].as_str()) {
+                (Some(b), _) => ArtifactKind::Delta { base: b.to_owned() },
+                (None, Some("full_zstd")) => ArtifactKind::FullZstd,
+                (None, _) => ArtifactKind::Full,
             },
         })
         .collect()

@@ -59,13 +59,15 @@ fn tampered_artifact_is_refused(broker: Broker) {
     let c = f.assign(&v1, &["t1"]);
     f.wait_converged("t1", &v1, c["t1"]);
 
-    // A tampered delta: its chunks hash wrong, so it is discarded, the failure is
-    // reported, and the full model is fetched instead.
+    // A tampered delta and compressed full model: their chunks hash wrong, so each is
+    // fetched twice and discarded, the failure is reported, and the raw full model is
+    // fetched instead.
     let v2 = f.sign("cnn_a_ft.onnx", "1.1");
     f.push(&v2);
     let mut tampered = Vec::new();
     let deltas = tamper(&f.artifacts_dir(), &[&v1.sha256, &v2.sha256], &mut tampered);
     assert!(deltas >= 1, "the server stored no delta for 1.1");
+    let (z1, z2) = (f.full_zstd_length(&v1), f.full_zstd_length(&v2));
     let c = f.assign(&v2, &["t1"]);
     let s = f.wait_converged("t1", &v2, c["t1"]);
     let kind = s["last_error"]["kind"].as_str();
@@ -73,9 +75,10 @@ fn tampered_artifact_is_refused(broker: Broker) {
         matches!(kind, Some("hash" | "delta")),
         "the discarded delta was not reported: {s}"
     );
+    assert_eq!(s["bytes_received"]["full"].as_u64(), Some(v2.length), "{s}");
     assert_eq!(
-        s["bytes_received"]["full"].as_u64(),
-        Some(v1.length + v2.length),
+        s["bytes_received"]["full_zstd"].as_u64(),
+        Some(z1 + 2 * z2),
         "{s}"
     );
 
@@ -84,8 +87,8 @@ fn tampered_artifact_is_refused(broker: Broker) {
     f.push(&v3);
     let n = tamper(&f.artifacts_dir(), &[&v1.sha256, &v2.sha256], &mut tampered);
     assert!(
-        n >= 2,
-        "expected the full model and a delta of 1.2, tampered {n}"
+        n >= 3,
+        "expected the full model, its compressed form and a delta of 1.2, tampered {n}"
     );
     assert!(tampered.contains(&v3.sha256));
     f.assign(&v3, &["t1"]);

@@ -19,7 +19,7 @@ fn renewed_assignment_is_a_no_op_on_the_device_embedded() {
 
 /// Model bytes the device downloaded (metadata is fetched at every verification).
 fn model_bytes(status: &serde_json::Value) -> u64 {
-    ["full", "delta"]
+    ["full", "full_zstd", "delta"]
         .iter()
         .map(|k| status["bytes_received"][k].as_u64().unwrap_or(0))
         .sum()

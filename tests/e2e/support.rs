@@ -779,6 +779,27 @@ impl Fleet {
         }
     }
 
+    /// Length of the zstd-compressed full model the server keeps for `t`
+    /// (`GET /api/v1/releases`); panics if it kept none.
+    pub fn full_zstd_length(&self, t: &Target) -> u64 {
+        let r = self.admin.get("/api/v1/releases").unwrap();
+        let release = r["releases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["path"] == t.path.as_str())
+            .unwrap_or_else(|| panic!("{} is not on the server: {r}", t.path));
+        let a = release["artifacts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["kind"] == "full_zstd")
+            .unwrap_or_else(|| panic!("no compressed full model of {}: {release}", t.path));
+        let len = a["length"].as_u64().unwrap();
+        assert!(len < t.length, "{release}");
+        len
+    }
+
     pub fn artifacts_dir(&self) -> PathBuf {
         self.data.join("artifacts")
     }

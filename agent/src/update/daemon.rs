@@ -700,6 +700,7 @@ impl Daemon {
 fn kind_name(a: &Artifact) -> &'static str {
     match a.kind {
         ArtifactKind::Delta { .. } => "delta",
+        ArtifactKind::FullZstd => "full_zstd",
         _ => "full",
     }
 }
@@ -898,6 +899,7 @@ async fn list_artifacts(link: &Link, job: &Job, held: Vec<String>) -> Event {
         target: job.path.clone(),
         sha256: job.sha256.clone(),
         bases: held.clone(),
+        accept_full_zstd: true,
     };
     let fail = |m: String| Event::FetchFailed(Failure::new(K::Transfer, m));
     let resp = match link.call(body, META_TIMEOUT, 3).await {
@@ -1123,6 +1125,24 @@ fn reconstruct(db: &UpdateDb, agent: &Agent, job: &Job, artifact: &Artifact) -> 
                 return fail(
                     K::Delta,
                     format!("delta does not reproduce the signed target: {e}"),
+                );
+            }
+            out
+        }
+        ArtifactKind::FullZstd => {
+            // Smaller than the signed length by construction (`choose`).
+            let frame = match read_capped(&path, job.length) {
+                Ok(b) => b,
+                Err(e) => return fail(K::Disk, e),
+            };
+            let out = match delta::decompress_full(&frame, job.length) {
+                Ok(o) => o,
+                Err(e) => return fail(K::Delta, format!("compressed full model: {e}")),
+            };
+            if let Err(e) = check(&out) {
+                return fail(
+                    K::Delta,
+                    format!("compressed full model does not reproduce the signed target: {e}"),
                 );
             }
             out

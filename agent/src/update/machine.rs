@@ -664,7 +664,10 @@ impl Machine {
         let discard = Action::DiscardPartial {
             artifact: artifact.id.clone(),
         };
-        let is_delta = matches!(artifact.kind, ArtifactKind::Delta { .. });
+        let derived = matches!(
+            artifact.kind,
+            ArtifactKind::Delta { .. } | ArtifactKind::FullZstd
+        );
         match f.kind {
             FailureKind::Hash if attempt < MAX_FETCH_ATTEMPTS => (
                 Phase::Fetching {
@@ -681,8 +684,9 @@ impl Machine {
                     },
                 ],
             ),
-            // A delta that cannot give the signed bytes is dropped for the full model.
-            FailureKind::Hash | FailureKind::Delta if is_delta => {
+            // A delta or compressed full model that cannot give the signed bytes is
+            // dropped for the next artifact, at worst the raw full model.
+            FailureKind::Hash | FailureKind::Delta if derived => {
                 self.excluded.push(artifact.id);
                 (
                     Phase::Listing { job: job.clone() },
@@ -703,8 +707,9 @@ fn fail(job: Option<Job>, failure: Failure) -> (Phase, Vec<Action>) {
 }
 
 /// The smallest usable artifact: a full file must be the signed target itself (id =
-/// signed sha256, length = signed length); a delta must start from a model the device
-/// holds and be no larger than the codec's cap.
+/// signed sha256, length = signed length); a compressed full file must be smaller than
+/// the signed length; a delta must start from a model the device holds and be no
+/// larger than the codec's cap.
 fn choose(
     job: &Job,
     artifacts: &[Artifact],
@@ -716,6 +721,7 @@ fn choose(
         .filter(|a| !excluded.contains(&a.id))
         .filter(|a| match &a.kind {
             ArtifactKind::Full => a.id.eq_ignore_ascii_case(&job.sha256) && a.length == job.length,
+            ArtifactKind::FullZstd => a.length < job.length,
             ArtifactKind::Delta { base } => {
                 held.iter().any(|h| h.eq_ignore_ascii_case(base)) && a.length <= MAX_TARGET_LEN
             }

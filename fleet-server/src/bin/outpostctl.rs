@@ -778,13 +778,14 @@ fn release_lines(releases: &serde_json::Value) -> String {
             r["path"].as_str().unwrap_or("?")
         ));
         for a in r["artifacts"].as_array().into_iter().flatten() {
-            let what = match a["base"].as_str() {
-                Some(base) => format!(
+            let what = match (a["base"].as_str(), a["kind"].as_str()) {
+                (Some(base), _) => format!(
                     "delta from {} ({})",
                     version_of(base),
                     a["codec"].as_str().unwrap_or("?")
                 ),
-                None => "full".to_owned(),
+                (None, Some("full_zstd")) => "full (zstd)".to_owned(),
+                (None, _) => "full".to_owned(),
             };
             out.push_str(&format!("  {what}\t{} bytes\n", a["length"]));
         }
@@ -842,6 +843,7 @@ mod tests {
              "artifacts": [
                 {"id": "cc", "kind": "delta", "base": "aa", "codec": "Tensor", "length": 40},
                 {"id": "dd", "kind": "delta", "base": "0123456789abcdef", "codec": "ZstdRef", "length": 60},
+                {"id": "ee", "kind": "full_zstd", "codec": "zstd", "length": 90},
                 {"id": "bb", "kind": "full", "length": 100}]}
         ]);
         let out = release_lines(&r);
@@ -858,5 +860,7 @@ mod tests {
             out.contains("  delta from 0123456789ab… (ZstdRef)\t60 bytes\n"),
             "{out}"
         );
+        assert!(out.contains("  full (zstd)\t90 bytes\n"), "{out}");
+        assert!(out.contains("  full\t100 bytes\n"), "{out}");
     }
 }

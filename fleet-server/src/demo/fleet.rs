@@ -618,12 +618,21 @@ fn assign(api: &ApiClient, t: &Signed, ids: &[String]) -> anyhow::Result<BTreeMa
     Ok(counters)
 }
 
-fn push(api: &ApiClient, repo: &Repo, t: &Signed) -> anyhow::Result<()> {
+/// Pushes the release; returns the length of its compressed full model, if the server
+/// kept one (smaller than the file).
+fn push(api: &ApiClient, repo: &Repo, t: &Signed) -> anyhow::Result<Option<u64>> {
     let r = push_release(api, repo, MODEL, &t.version)?;
+    let mut compressed = None;
     for rel in r["releases"].as_array().into_iter().flatten() {
         if rel["version"] != t.version.as_str() {
             continue;
         }
+        compressed = rel["artifacts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["kind"] == "full_zstd")
+            .and_then(|a| a["length"].as_u64());
         let arts: Vec<String> = rel["artifacts"]
             .as_array()
             .into_iter()
@@ -643,7 +652,7 @@ fn push(api: &ApiClient, repo: &Repo, t: &Signed) -> anyhow::Result<()> {
             arts.join(", ")
         );
     }
-    Ok(())
+    Ok(compressed)
 }
 
 fn bytes(s: &Value, kind: &str) -> u64 {
@@ -710,16 +719,20 @@ pub(super) fn run_fleet(
 
     println!("\n2. release {MODEL} 1.0.0: sign, push, assign to every device");
     let v1 = sign(&repo, fx, "cnn_a.onnx", "1.0.0")?;
-    push(&server.api, &repo, &v1)?;
+    let v1_zstd = push(&server.api, &repo, &v1)?;
     let counters = assign(&server.api, &v1, &ids)?;
     let after_v1 = watch.converge(&v1, &counters, opts.timeout)?;
-    let full_ok = after_v1
-        .values()
-        .all(|s| bytes(s, "full") == v1.length && bytes(s, "delta") == 0);
+    let full_ok = after_v1.values().all(|s| {
+        Some(bytes(s, "full_zstd")) == v1_zstd && bytes(s, "full") == 0 && bytes(s, "delta") == 0
+    });
     report.check(
-        &format!("every device runs {MODEL} 1.0.0, fetched as the full model"),
+        &format!("every device runs {MODEL} 1.0.0, fetched as the zstd-compressed full model"),
         full_ok,
-        &format!("{} bytes each", v1.length),
+        &format!(
+            "{} bytes each (the file: {})",
+            v1_zstd.map_or("none kept".to_owned(), |z| z.to_string()),
+            v1.length
+        ),
     );
     watch.windows_of(&ids, &v1.version, opts.timeout)?;
     println!(
@@ -737,7 +750,10 @@ pub(super) fn run_fleet(
     for (id, s) in &after_v2 {
         let delta = bytes(s, "delta");
         let before = &after_v1[id];
-        by_delta &= delta > 0 && delta < v2.length && bytes(s, "full") == bytes(before, "full");
+        by_delta &= delta > 0
+            && delta < v2.length
+            && bytes(s, "full") == bytes(before, "full")
+            && bytes(s, "full_zstd") == bytes(before, "full_zstd");
         detail.push(format!("{id} {delta}"));
     }
     report.check(
@@ -791,8 +807,8 @@ fn summary(
 ) {
     println!("\nsummary: devices (as the server last saw them)");
     println!(
-        "  {:<9} {:<8} {:<12} {:>10} {:>10} {:>10} {:>10}",
-        "device", "model", "sha256", "full B", "delta B", "meta B", "telemetry"
+        "  {:<9} {:<8} {:<12} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "device", "model", "sha256", "full B", "zstd B", "delta B", "meta B", "telemetry"
     );
     for d in devices {
         let s = &d["status"];
@@ -808,11 +824,12 @@ fn summary(
         }
         let classes: Vec<String> = classes.iter().map(|(c, n)| format!("{n} {c}")).collect();
         println!(
-            "  {:<9} {:<8} {:<12} {:>10} {:>10} {:>10} {:>10}  ({})",
+            "  {:<9} {:<8} {:<12} {:>10} {:>10} {:>10} {:>10} {:>10}  ({})",
             id,
             slot["version"].as_str().unwrap_or("-"),
             &sha[..sha.len().min(12)],
             bytes(s, "full"),
+            bytes(s, "full_zstd"),
             bytes(s, "delta"),
             bytes(s, "metadata"),
             records,

@@ -141,6 +141,13 @@ impl ArtifactStore {
     }
 }
 
+/// The full target compressed with zstd ([`delta::compress_full`], level 19) if that is
+/// smaller than the target itself, which is what devices download otherwise.
+pub fn compressed_full(target: &[u8]) -> Result<Option<Vec<u8>>, ServerError> {
+    let frame = delta::compress_full(target)?;
+    Ok((frame.len() < target.len()).then_some(frame))
+}
+
 /// The delta from `base` to `target` if it is smaller than the full target, which is
 /// what devices download otherwise. `encode_best` measures every codec; when it finds
 /// compressing the full target smaller than any delta the best delta is re-encoded only

@@ -165,14 +165,14 @@ pub struct Outgoing {
 pub struct ArtifactView {
     /// Artifact id.
     pub id: String,
-    /// `full` or `delta`.
+    /// `full`, `full_zstd` or `delta`.
     pub kind: &'static str,
     /// Base sha256 for a delta.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
     /// Length.
     pub length: u64,
-    /// Delta codec.
+    /// Delta codec, or `zstd` for the compressed full file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub codec: Option<String>,
 }
@@ -180,10 +180,10 @@ pub struct ArtifactView {
 impl From<ArtifactRow> for ArtifactView {
     fn from(a: ArtifactRow) -> Self {
         ArtifactView {
-            kind: if a.base_sha256.is_some() {
-                "delta"
-            } else {
-                "full"
+            kind: match (&a.base_sha256, a.codec.as_deref()) {
+                (Some(_), _) => "delta",
+                (None, Some(FULL_ZSTD_CODEC)) => "full_zstd",
+                (None, _) => "full",
             },
             id: a.id,
             base: a.base_sha256,
@@ -223,6 +223,9 @@ pub struct Assigned {
 
 /// How many recent releases of a model serve as delta bases for a new one.
 pub const DELTA_BASES: usize = 3;
+/// `codec` of the stored artifact row that is the full target compressed with zstd
+/// (base `NULL`); the raw full file has no codec.
+pub const FULL_ZSTD_CODEC: &str = "zstd";
 
 /// The server's state and operations.
 #[derive(Debug)]
@@ -537,6 +540,7 @@ impl Core {
                     }
                 }
             }
+            let compressed = artifacts::compressed_full(&bytes)?;
             self.artifacts.put(&bytes)?;
             self.db.insert_artifact(
                 &ArtifactRow {
@@ -548,6 +552,19 @@ impl Core {
                 },
                 unix(now),
             )?;
+            if let Some(frame) = compressed {
+                let id = self.artifacts.put(&frame)?;
+                self.db.insert_artifact(
+                    &ArtifactRow {
+                        id,
+                        target_sha256: sha.clone(),
+                        base_sha256: None,
+                        length: frame.len() as u64,
+                        codec: Some(FULL_ZSTD_CODEC.to_owned()),
+                    },
+                    unix(now),
+                )?;
+            }
             for (base, d) in deltas {
                 let id = self.artifacts.put(&d.bytes)?;
                 self.db.insert_artifact(
@@ -925,6 +942,7 @@ impl Core {
                 target,
                 sha256,
                 bases,
+                accept_full_zstd,
             } => {
                 let known = self
                     .db
@@ -941,10 +959,15 @@ impl Core {
                     .artifacts_for(sha256)?
                     .into_iter()
                     .filter_map(|a| {
-                        let kind = match a.base_sha256 {
-                            None => ArtifactKind::Full,
-                            Some(b) if bases.contains(&b) => ArtifactKind::Delta { base: b },
-                            Some(_) => return None,
+                        let kind = match (a.base_sha256, a.codec.as_deref()) {
+                            (None, Some(FULL_ZSTD_CODEC)) if *accept_full_zstd => {
+                                ArtifactKind::FullZstd
+                            }
+                            // Older agents would refuse the whole list over this kind.
+                            (None, Some(FULL_ZSTD_CODEC)) => return None,
+                            (None, _) => ArtifactKind::Full,
+                            (Some(b), _) if bases.contains(&b) => ArtifactKind::Delta { base: b },
+                            (Some(_), _) => return None,
                         };
                         Some(Artifact {
                             id: a.id,

@@ -343,6 +343,47 @@ pub fn encode_best(base: &[u8], target: &[u8]) -> Result<Best> {
     })
 }
 
+/// The full target as one zstd frame at [`DEFAULT_LEVEL`], declaring its content size:
+/// the compressed-full artifact ([`crate::wire::ArtifactKind::FullZstd`]). Not a delta:
+/// no header; the signed hash of the target is what checks the decoded bytes.
+pub fn compress_full(target: &[u8]) -> Result<Vec<u8>> {
+    zref::compress(&[], target, DEFAULT_LEVEL)
+}
+
+/// Decodes a compressed-full artifact into exactly `target_len` bytes (the signed
+/// length), never more than [`MAX_TARGET_LEN`]. A frame declaring more than
+/// `target_len` (a compression bomb) is refused as [`DeltaError::TooLarge`] before
+/// anything is allocated; one declaring less, or none, is [`DeltaError::Corrupt`];
+/// decoding writes into a buffer of `target_len` bytes, so a frame that lies about its
+/// size fails instead of growing it. The caller checks the result against the signed
+/// hashes.
+pub fn decompress_full(frame: &[u8], target_len: u64) -> Result<Vec<u8>> {
+    let max = target_len.min(MAX_TARGET_LEN);
+    let declared = match zstd::zstd_safe::get_frame_content_size(frame) {
+        Ok(Some(n)) => n,
+        Ok(None) => return Err(DeltaError::Corrupt("the frame does not declare its size")),
+        Err(_) => return Err(DeltaError::Corrupt("not a zstd frame")),
+    };
+    if declared > max {
+        return Err(DeltaError::TooLarge {
+            what: "decompressed full model",
+            len: declared,
+            max,
+        });
+    }
+    if declared != target_len {
+        return Err(DeltaError::Corrupt(
+            "the frame declares another length than the signed one",
+        ));
+    }
+    let len = usize::try_from(declared).map_err(|_| DeltaError::TooLarge {
+        what: "decompressed full model",
+        len: declared,
+        max: usize::MAX as u64,
+    })?;
+    zref::decompress(&[], frame, len)
+}
+
 /// Applies `delta` to `base` and returns the target, at most `max_target_len` bytes
 /// (and never more than [`MAX_TARGET_LEN`]).
 ///
@@ -399,6 +440,68 @@ mod tests {
         }
         target.extend_from_slice(b"appended tail");
         (base, target)
+    }
+
+    #[test]
+    fn compressed_full_round_trips_at_the_signed_length() {
+        let (_, target) = sample();
+        let frame = compress_full(&target).unwrap();
+        assert!(frame.len() < target.len());
+        assert_eq!(
+            decompress_full(&frame, target.len() as u64).unwrap(),
+            target
+        );
+    }
+
+    #[test]
+    fn rejects_compression_bomb_over_the_signed_length() {
+        // 16 MiB of zeros compress to a few KiB; the signed length says 1 KiB.
+        let bomb = compress_full(&vec![0u8; 16 << 20]).unwrap();
+        assert!(bomb.len() < 16 << 10, "bomb is {} bytes", bomb.len());
+        assert!(matches!(
+            decompress_full(&bomb, 1024),
+            Err(DeltaError::TooLarge { len, max: 1024, .. }) if len == 16 << 20
+        ));
+    }
+
+    #[test]
+    fn rejects_compression_bomb_hiding_its_size() {
+        // A frame without a declared size is refused rather than decoded until it stops.
+        let mut cctx = zstd::zstd_safe::CCtx::create();
+        cctx.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(false))
+            .unwrap();
+        let data = vec![0u8; 1 << 20];
+        let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+        let mut input = zstd::zstd_safe::InBuffer::around(&data[..]);
+        let mut output = zstd::zstd_safe::OutBuffer::around(&mut frame);
+        cctx.compress_stream2(
+            &mut output,
+            &mut input,
+            zstd::zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_end,
+        )
+        .unwrap();
+        assert!(
+            matches!(zstd::zstd_safe::get_frame_content_size(&frame), Ok(None)),
+            "the test frame must not declare its size"
+        );
+        assert!(matches!(
+            decompress_full(&frame, 1024),
+            Err(DeltaError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_compressed_full_shorter_than_signed_or_not_zstd() {
+        let (_, target) = sample();
+        let frame = compress_full(&target).unwrap();
+        assert!(matches!(
+            decompress_full(&frame, target.len() as u64 + 1),
+            Err(DeltaError::Corrupt(_))
+        ));
+        assert!(matches!(
+            decompress_full(&target, target.len() as u64),
+            Err(DeltaError::Corrupt(_))
+        ));
     }
 
     #[test]
