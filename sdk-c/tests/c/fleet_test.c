@@ -8,8 +8,9 @@
  *
  * Usage: fleet_test AGENT_TOML OTHER_DATA_DIR BIN_DIR COUNT MODEL MODEL_BYTES
  *   BIN_DIR holds image.bin (COUNT x 64 f32) and cnn_ref.bin (COUNT x 10 f32) for the
- *   assigned model; MODEL_BYTES is the length of its ONNX file (a first install is a
- *   full artifact). OTHER_DATA_DIR is an empty directory for an agent without link.
+ *   assigned model; MODEL_BYTES is the length of the artifact a first install downloads
+ *   (the zstd-compressed full model when the server kept one, else the ONNX file).
+ *   OTHER_DATA_DIR is an empty directory for an agent without link.
  * Exit status 0 when every check passed. */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
