@@ -108,14 +108,26 @@ if ! compgen -G "$SYSROOT/lib/rustlib/$TRIPLE/lib/libstd-*.rlib" >/dev/null; the
 fi
 
 step "build (profile device)"
+# No unwind tables: with `panic = "abort"` nothing unwinds, and the tables only serve
+# backtraces (a panic still prints its message and location; frame pointers stay for gdb
+# and perf). `force-unwind-tables=no` stops rustc asking for them; the linker script drops
+# what std (prebuilt) and the C code bring: -0.9 MB on aarch64 (docs/benchmarks.md,
+# "Device targets"). Set OUTPOST_DEVICE_UNWIND_TABLES=1 to keep them.
+DEVICE_RUSTFLAGS="-C force-unwind-tables=no"
+LINK_ARGS=(-C link-arg=-Wl,--no-eh-frame-hdr -C "link-arg=-Wl,-T,$ROOT/targets/discard-eh-frame.ld")
+if [ "${OUTPOST_DEVICE_UNWIND_TABLES:-0}" = 1 ]; then
+  DEVICE_RUSTFLAGS=""
+  LINK_ARGS=()
+fi
 # The agent daemon and liboutpost only: fleet-server is not a device target, and the TUF
 # conformance CLI (outpost-tuf-client) is a host tool; each binary costs a fat-LTO link.
-"$CARGO" build "${BUILD_STD[@]}" --profile device --target "$TRIPLE" \
-  -p outpost-agent --bin outpost-agent
-# `cargo rustc --crate-type`: the package also declares an rlib (for `cargo test`), and with
-# an rlib in the same rustc call LTO is silently skipped (rust-lang/cargo#9672).
-"$CARGO" rustc "${BUILD_STD[@]}" --profile device --target "$TRIPLE" \
-  -p outpost-sdk-c --lib --crate-type cdylib,staticlib
+# `cargo rustc` passes the link arguments to the final link only.
+RUSTFLAGS="$DEVICE_RUSTFLAGS" "$CARGO" rustc "${BUILD_STD[@]}" --profile device \
+  --target "$TRIPLE" -p outpost-agent --bin outpost-agent -- "${LINK_ARGS[@]}"
+# `--crate-type`: the package also declares an rlib (for `cargo test`), and with an rlib in
+# the same rustc call LTO is silently skipped (rust-lang/cargo#9672).
+RUSTFLAGS="$DEVICE_RUSTFLAGS" "$CARGO" rustc "${BUILD_STD[@]}" --profile device \
+  --target "$TRIPLE" -p outpost-sdk-c --lib --crate-type cdylib,staticlib -- "${LINK_ARGS[@]}"
 OUT="$CARGO_TARGET_DIR/$TRIPLE/device"
 mkdir -p "$DIST"
 for f in outpost-agent liboutpost.so; do

@@ -256,12 +256,16 @@ fn dynamic_and_qoperator_fixtures_run_dequantized_when_faster_and_reason_names_t
         dequantized += usize::from(fastest == ExecPath::Dequantized);
         assert_eq!(v.model.path_reason(), v.report.reason);
     }
-    // Integer kernels are several times slower than float in tract on this machine: most
-    // fixtures must gain (cnn_a_qop needs rounded activations, about as slow as shipped).
-    assert!(
-        dequantized >= 4,
-        "only {dequantized} fixtures run dequantized"
-    );
+    // Integer kernels are several times slower than float in tract on x86_64: most
+    // fixtures must gain there (cnn_a_qop needs rounded activations, about as slow as
+    // shipped). Elsewhere (ARM, and qemu in CI) the relative speed of tract's integer and
+    // float kernels differs, and only the choice above (the fastest path wins) is checked.
+    if cfg!(target_arch = "x86_64") {
+        assert!(
+            dequantized >= 4,
+            "only {dequantized} fixtures run dequantized"
+        );
+    }
 }
 
 /// Interleaved single-sample latency of the float model, the quantized one as shipped and
